@@ -1,0 +1,71 @@
+"""Load run configs: presets shipped with the package, YAML files, and command-line overrides.
+
+A preset may start from another with ``base: <preset name>``; its keys then update the base's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import yaml
+
+from udaseg.config.loader import (
+    check_override_path,
+    closest,
+    deep_merge,
+    from_dict,
+    load_yaml,
+    merge_into,
+    parse_override,
+    to_dict,
+)
+from udaseg.config.schema import Config
+from udaseg.errors import UserError
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+__all__ = ["Config", "load_config", "list_presets", "preset_path", "config_to_yaml", "to_dict"]
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def preset_path(name: str) -> Path:
+    path = PRESET_DIR / f"{name}.yaml"
+    if not path.is_file():
+        hint = closest(name, list_presets())
+        suffix = f"; did you mean '{hint}'?" if hint else "; see 'udaseg train --list'"
+        raise UserError(f"unknown preset '{name}'{suffix}")
+    return path
+
+
+def _resolve(name_or_path: str, seen: tuple[str, ...] = ()) -> dict:
+    looks_like_file = name_or_path.endswith((".yaml", ".yml")) or "/" in name_or_path
+    path = Path(name_or_path) if looks_like_file else preset_path(name_or_path)
+    data = load_yaml(str(path))
+    if not looks_like_file:
+        data.setdefault("name", name_or_path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if base in seen:
+        raise UserError(f"preset '{name_or_path}' inherits from itself through '{base}'")
+    merged = deep_merge(_resolve(str(base), seen + (name_or_path,)), data)
+    merged["name"] = data.get("name", Path(name_or_path).stem)
+    return merged
+
+
+def load_config(name_or_path: str | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Load a preset (by name) or a YAML file, apply ``key.sub=value`` overrides, validate."""
+    data = _resolve(name_or_path) if name_or_path else {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        check_override_path(Config, keys)
+        merge_into(data, keys, value)
+    return from_dict(Config, data)
+
+
+def config_to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
