@@ -1,0 +1,490 @@
+"""T2S-DA: pulling target to source (Wang et al., IJCV; arXiv 2305.13752).
+
+The student embeds an FDA *pseudo-target* copy ``T(x^s)`` of each source image; those embeddings
+(queries) are pulled towards the EMA teacher's **source** class prototypes and pushed away from
+teacher features of other classes, half from the source and half from unreliable target pixels.
+Per-class losses are weighted by how unsure the teacher is about the class on the target (DRW).
+
+Building blocks, each usable on its own:
+
+- :func:`class_fractions`, :func:`class_query_counts` - class-balanced query sampling (CBQS, Eq. 16).
+- :func:`dynamic_class_weights` - dynamic re-weighting (DRW, Eq. 17-18).
+- :func:`unreliable_target_mask` - the unreliable target partition (Eq. 13-14).
+- :func:`source_prototypes` - positive keys (Eq. 10-11).
+- :class:`PullingLoss` - InfoNCE / MSE pulling loss with CBQS and domain-equalised negative sampling
+  (DENPS), class-weighted as in Eq. 5.
+- :func:`feature_resolution_targets` - labels, pseudo-labels and confidences brought down to the
+  projector's resolution.
+
+Shapes: ``B`` images, ``d`` projection channels, ``h x w`` feature resolution, ``C`` classes,
+labels are trainIds with 255 = ignore.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from udaseg.errors import UserError
+
+IGNORE_INDEX = 255
+
+
+# --------------------------------------------------------------------------------------------
+# Class statistics and sampling quotas
+# --------------------------------------------------------------------------------------------
+
+def class_fractions(labels: Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """Label distribution ``p_hat(c)`` of a label map (Eq. 16), ignoring ``ignore_index``.
+
+    Args:
+        labels: integer tensor of any shape.
+    Returns:
+        float tensor ``[C]`` that sums to 1 (all zeros when no pixel is labelled).
+    """
+    flat = labels.reshape(-1)
+    valid = flat[(flat >= 0) & (flat < num_classes) & (flat != ignore_index)]
+    counts = torch.bincount(valid, minlength=num_classes).to(torch.float64)
+    total = counts.sum()
+    return counts / total if total > 0 else counts
+
+
+def class_query_counts(class_fractions: Tensor, base_queries: int = 128, balanced: bool = True) -> Tensor:
+    """Number of queries drawn per class.
+
+    Class-balanced query sampling (CBQS, T2S-DA Sec. 3.4): ``n_q(c) = ceil(C * p_hat(c) * n)``,
+    so the total is about ``C * n`` and follows the batch's label distribution. With
+    ``balanced=False`` every present class gets ``n`` (class-equalised sampling, CEQS). A class
+    with ``p_hat(c) = 0`` gets 0 either way.
+
+    Args:
+        class_fractions: ``[C]`` label distribution ``p_hat`` (see :func:`class_fractions`).
+        base_queries: ``n``.
+    Returns:
+        int64 tensor ``[C]``.
+
+    Example::
+
+        >>> class_query_counts(torch.tensor([0.5, 0.25, 0.25, 0.0]), base_queries=8)
+        tensor([16,  8,  8,  0])
+    """
+    if base_queries < 1:
+        raise UserError(f"t2sda.base_queries: must be >= 1, got {base_queries}")
+    fractions = class_fractions.detach().to(torch.float64)
+    if not balanced:
+        return torch.where(fractions > 0, base_queries, 0).to(torch.int64)
+    num_classes = fractions.numel()
+    # The small tolerance keeps C * (1/C) * n from rounding up to n + 1 through float error.
+    raw = num_classes * fractions * base_queries
+    counts = torch.ceil(raw - 1e-6 * raw.clamp(min=1.0))
+    return torch.where(fractions > 0, counts.clamp(min=1), torch.zeros_like(counts)).to(torch.int64)
+
+
+def dynamic_class_weights(pseudo_labels: Tensor, confidence: Tensor, classes: Union[int, Sequence[int]],
+                          beta: float = 0.5, absent: Literal["max", "mean"] = "max",
+                          eps: float = 1e-6) -> Tensor:
+    """Dynamic re-weighting (DRW, T2S-DA Eq. 17-18).
+
+    ``conf(c)`` is the mean teacher confidence (max softmax probability) over the target pixels
+    pseudo-labelled ``c``, at full resolution. Then
+
+        w_c  = [ (1 - conf(c)) / max_c' (1 - conf(c')) ] ** beta,      w*_c = w_c / sum_c w_c
+
+    so classes the teacher is unsure about on the target get more pulling weight. A class without
+    pseudo-labelled pixels gets ``conf = 0`` (``absent="max"``: the largest weight, 1 before
+    normalisation) or the mean weight of the present classes (``absent="mean"``). ``eps`` keeps
+    the denominator positive; if every weight is 0 (all confidences exactly 1) the result is
+    uniform. ``beta = 0`` gives uniform weights. The weights carry no gradient.
+
+    Args:
+        pseudo_labels: int ``B x H x W`` teacher argmax on the target (255 pixels are skipped).
+        confidence: ``B x H x W`` teacher max probability.
+        classes: the number of classes ``C`` (weights for ``0..C-1``) or explicit class ids.
+        beta: the DRW exponent (0.5 in the paper; unrelated to FDA's beta).
+    Returns:
+        float32 ``[len(classes)]`` summing to 1.
+
+    Example::
+
+        >>> labels = torch.tensor([[[0, 0, 1]]])
+        >>> conf = torch.tensor([[[0.9, 0.7, 0.6]]])
+        >>> dynamic_class_weights(labels, conf, 3, beta=1.0)  # conf = (0.8, 0.6, absent -> 0)
+        tensor([0.1250, 0.2500, 0.6250])
+    """
+    if beta < 0:
+        raise UserError(f"t2sda.reweight_beta: must be >= 0, got {beta}")
+    if absent not in ("max", "mean"):
+        raise UserError(f"t2sda.absent_class_weight: unknown value {absent!r} (choose 'max' or 'mean')")
+    class_ids = torch.arange(classes) if isinstance(classes, int) else torch.as_tensor(list(classes))
+    with torch.no_grad():
+        labels = pseudo_labels.reshape(-1).long()
+        conf = confidence.reshape(-1).to(torch.float64)
+        max_id = int(class_ids.max().item()) + 1 if class_ids.numel() else 0
+        valid = (labels >= 0) & (labels < max_id)
+        sums = torch.zeros(max_id, dtype=torch.float64, device=conf.device)
+        counts = torch.zeros(max_id, dtype=torch.float64, device=conf.device)
+        sums.index_add_(0, labels[valid], conf[valid])
+        counts.index_add_(0, labels[valid], torch.ones_like(conf[valid]))
+        ids = class_ids.to(conf.device)
+        present = counts[ids] > 0
+        mean_conf = torch.where(present, sums[ids] / counts[ids].clamp(min=1), torch.zeros_like(sums[ids]))
+
+        unsure = 1.0 - mean_conf
+        if absent == "mean":
+            # Absent classes must not set the max; they take the present classes' mean weight below.
+            denominator = unsure[present].max() if bool(present.any()) else unsure.new_tensor(1.0)
+        else:
+            denominator = unsure.max()
+        weights = (unsure / denominator.clamp(min=eps)).clamp(min=0) ** beta
+        if absent == "mean" and bool(present.any()):
+            weights = torch.where(present, weights, weights[present].mean())
+        total = weights.sum()
+        if total <= 0:
+            weights = torch.ones_like(weights)
+            total = weights.sum()
+        return (weights / total).to(torch.float32)
+
+
+def unreliable_target_mask(confidence_ds: Tensor, quantile: float = 0.5, per_image: bool = False) -> Tensor:
+    """Unreliable target pixels: confidence below the ``quantile`` of the confidence map (Eq. 14).
+
+    ``gamma = percentile(conf.flatten(), 100 * alpha)`` (linear interpolation, like ``np.percentile``)
+    over the whole batch, or over each image with ``per_image=True``; a pixel is unreliable when
+    ``conf < gamma``.
+
+    Args:
+        confidence_ds: ``B x h x w`` teacher max probability at feature resolution.
+        quantile: ``alpha`` in [0, 1] (0.5 in the paper).
+    Returns:
+        bool ``B x h x w``.
+
+    Example::
+
+        >>> unreliable_target_mask(torch.tensor([[[0.1, 0.9], [0.5, 0.7]]]), quantile=0.5)
+        tensor([[[ True, False],
+                 [ True, False]]])
+    """
+    if not 0.0 <= quantile <= 1.0:
+        raise UserError(f"t2sda.unreliable_quantile: must lie in [0, 1], got {quantile}")
+    conf = confidence_ds.detach().float()
+    if per_image:
+        gamma = torch.quantile(conf.reshape(conf.shape[0], -1), quantile, dim=1)
+        gamma = gamma.view(-1, *([1] * (conf.dim() - 1)))
+    else:
+        gamma = torch.quantile(conf.reshape(-1), quantile)
+    return conf < gamma
+
+
+def source_prototypes(features: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+    """Positive keys: per-class mean of **raw** teacher source features, normalised afterwards.
+
+    ``k_c^+ = norm( sum_j 1[y^s(j)=c] g_t(h_t(x^s))(j) / sum_j 1[y^s(j)=c] )`` (Eq. 10-11), over all
+    images of the batch. No gradient.
+
+    Args:
+        features: ``B x d x h x w`` teacher projections of the real source images.
+        labels: int ``B x h x w`` source labels at feature resolution (255 = ignore).
+    Returns:
+        ``(prototypes [C x d], present [C] bool)``; rows of absent classes are zero.
+    """
+    flat_feat, flat_labels = _flatten_features(features.detach()), labels.reshape(-1).long()
+    valid = (flat_labels >= 0) & (flat_labels < num_classes)
+    sums = flat_feat.new_zeros(num_classes, flat_feat.shape[1])
+    sums.index_add_(0, flat_labels[valid], flat_feat[valid])
+    counts = torch.bincount(flat_labels[valid], minlength=num_classes)
+    present = counts > 0
+    means = sums / counts.clamp(min=1).unsqueeze(1).to(sums.dtype)
+    return F.normalize(means, dim=1) * present.unsqueeze(1), present
+
+
+# --------------------------------------------------------------------------------------------
+# The pulling loss
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class ClassSample:
+    """What :class:`PullingLoss` drew for one class. Indices are flat positions ``b*h*w + i*w + j``."""
+
+    cls: int
+    queries: Tensor  # [n_c] positions in the query / source map
+    source_negatives: Tensor  # [n_c, m_s] positions in the source key map
+    target_negatives: Tensor  # [n_c, m_t] positions in the target key map (m_t may be 0)
+
+
+class PullingLoss(nn.Module):
+    r"""The T2S-DA pulling loss (Eq. 4-5, 9-16) with CBQS and DENPS.
+
+    For each class ``c`` in the source batch:
+
+    - queries ``q``: ``n_q(c)`` student projections of the pseudo-target ``T(x^s)`` at pixels
+      labelled ``c``, drawn uniformly **with replacement** (CBQS quota, Eq. 16), l2-normalised;
+    - positive ``k_c^+``: the teacher's source prototype (:func:`source_prototypes`);
+    - negatives (InfoNCE only), drawn per query, uniformly with replacement (DENPS): ``m/2`` teacher
+      source pixels of another class (255 excluded) and ``m/2`` unreliable teacher target pixels
+      pseudo-labelled as another class. Without target candidates all ``m`` come from the source; a
+      class with no source negative candidate (the only class in the batch) is skipped.
+
+    Per query:
+
+        InfoNCE  l(q) = -log( e^{q.k+/tau} / (e^{q.k+/tau} + sum_{k-} e^{q.k-/tau}) )
+        MSE      l(q) = ||q - k+||^2 = 2 - 2 cos(q, k+)
+
+    Aggregation over the set ``V`` of classes that took part:
+
+    - ``reduction="mean"`` (default): ``sum_{c in V} w*_c mean_q l(q)`` with ``w*`` renormalised
+      over ``V``;
+    - ``reduction="paper_sum"``: the literal Eq. 5, ``(1/C) sum_{c in V} w*_c sum_q l(q)``, with the
+      weights as given (uniform ``1/C`` without ``class_weights``).
+
+    Keys (teacher tensors) are detached; the gradient flows only into the queries. Similarities are
+    computed as one matrix per class (``n_c x N``) from which the sampled columns are gathered, so an
+    ``N_q x m x d`` tensor is never built.
+
+    Args:
+        num_classes: ``C`` (the head's class count; also used in CBQS).
+        temperature: ``tau`` (0.2).
+        negatives: ``m`` per query (1024).
+        base_queries: ``n`` (128).
+        loss: ``"infonce"`` or ``"mse"``.
+        reduction: ``"mean"`` or ``"paper_sum"``.
+        target_negatives: DENPS on (half the negatives from the target); off = all from the source.
+        balanced_queries: CBQS on; off = ``n`` queries for every present class.
+
+    Inputs of :meth:`forward`:
+        queries_feat ``B x d x h x w`` (student, pseudo-target); source_keys_feat ``B x d x h x w``
+        (teacher, real source, same size); source_labels_ds ``B x h x w``; target_keys_feat
+        ``B' x d x h' x w'`` or None; target_labels_ds and target_unreliable_mask ``B' x h' x w'``;
+        class_weights ``[C]`` or None; generator for the sampling.
+
+    Returns:
+        ``(loss, metrics)``: a scalar tensor and a dict of floats.
+
+    Example::
+
+        >>> loss_fn = PullingLoss(num_classes=3, negatives=8, base_queries=4)
+        >>> q = torch.randn(2, 16, 4, 4, requires_grad=True)
+        >>> ks, kt = torch.randn(2, 16, 4, 4), torch.randn(2, 16, 4, 4)
+        >>> ys = torch.randint(0, 3, (2, 4, 4)); yt = torch.randint(0, 3, (2, 4, 4))
+        >>> unreliable = torch.rand(2, 4, 4) < 0.5
+        >>> loss, metrics = loss_fn(q, ks, ys, kt, yt, unreliable, generator=torch.Generator().manual_seed(0))
+        >>> loss.backward()
+    """
+
+    def __init__(self, num_classes: int, temperature: float = 0.2, negatives: int = 1024, base_queries: int = 128,
+                 loss: Literal["infonce", "mse"] = "infonce", reduction: Literal["mean", "paper_sum"] = "mean",
+                 target_negatives: bool = True, balanced_queries: bool = True):
+        super().__init__()
+        if num_classes < 1:
+            raise UserError(f"t2sda: num_classes must be >= 1, got {num_classes}")
+        if temperature <= 0:
+            raise UserError(f"t2sda.temperature: must be > 0, got {temperature}")
+        if loss not in ("infonce", "mse"):
+            raise UserError(f"t2sda.loss: unknown value {loss!r} (choose 'infonce' or 'mse')")
+        if reduction not in ("mean", "paper_sum"):
+            raise UserError(f"t2sda.reduction: unknown value {reduction!r} (choose 'mean' or 'paper_sum')")
+        if loss == "infonce" and negatives < (2 if target_negatives else 1):
+            raise UserError(f"t2sda.negatives: need at least {2 if target_negatives else 1} negatives, got {negatives}")
+        if base_queries < 1:
+            raise UserError(f"t2sda.base_queries: must be >= 1, got {base_queries}")
+        self.num_classes = num_classes
+        self.temperature = temperature
+        self.negatives = negatives
+        self.base_queries = base_queries
+        self.loss = loss
+        self.reduction = reduction
+        self.target_negatives = target_negatives
+        self.balanced_queries = balanced_queries
+
+    # ---- sampling -----------------------------------------------------------------------------
+
+    def draw(self, source_labels_ds: Tensor, target_labels_ds: Optional[Tensor] = None,
+             target_unreliable_mask: Optional[Tensor] = None,
+             generator: Optional[torch.Generator] = None) -> list[ClassSample]:
+        """Draw queries and negative positions for every class that takes part (CBQS + DENPS).
+
+        :meth:`forward` calls this first, so the same generator state reproduces its sample.
+        """
+        source = source_labels_ds.reshape(-1).long()
+        device = source.device
+        valid_source = (source >= 0) & (source < self.num_classes)
+        counts = class_query_counts(class_fractions(source, self.num_classes), self.base_queries,
+                                    self.balanced_queries)
+        use_target = (self.loss == "infonce" and self.target_negatives and target_labels_ds is not None
+                      and target_unreliable_mask is not None)
+        if use_target:
+            target = target_labels_ds.reshape(-1).long().to(device)
+            unreliable = target_unreliable_mask.reshape(-1).bool().to(device)
+            unreliable = unreliable & (target >= 0) & (target < self.num_classes)
+
+        samples = []
+        for cls in torch.nonzero(counts > 0).flatten().tolist():
+            n_queries = int(counts[cls])
+            query_pool = torch.nonzero(source == cls).flatten()
+            queries = query_pool[_randint(query_pool.numel(), (n_queries,), generator, device)]
+            empty = torch.zeros(n_queries, 0, dtype=torch.long, device=device)
+            if self.loss == "mse":
+                samples.append(ClassSample(cls, queries, empty, empty))
+                continue
+            source_pool = torch.nonzero(valid_source & (source != cls)).flatten()
+            if source_pool.numel() == 0:
+                continue  # the only class in the batch: no negative to contrast with
+            target_pool = torch.nonzero(unreliable & (target != cls)).flatten() if use_target else empty[0]
+            n_target = self.negatives // 2 if target_pool.numel() > 0 else 0
+            n_source = self.negatives - n_target
+            source_neg = source_pool[_randint(source_pool.numel(), (n_queries, n_source), generator, device)]
+            target_neg = (target_pool[_randint(target_pool.numel(), (n_queries, n_target), generator, device)]
+                          if n_target else empty)
+            samples.append(ClassSample(cls, queries, source_neg, target_neg))
+        return samples
+
+    # ---- loss ----------------------------------------------------------------------------------
+
+    def forward(self, queries_feat: Tensor, source_keys_feat: Tensor, source_labels_ds: Tensor,
+                target_keys_feat: Optional[Tensor] = None, target_labels_ds: Optional[Tensor] = None,
+                target_unreliable_mask: Optional[Tensor] = None, class_weights: Optional[Tensor] = None,
+                generator: Optional[torch.Generator] = None) -> tuple[Tensor, dict[str, float]]:
+        self._check_shapes(queries_feat, source_keys_feat, source_labels_ds, target_keys_feat, target_labels_ds,
+                           target_unreliable_mask)
+        samples = self.draw(source_labels_ds, target_labels_ds if target_keys_feat is not None else None,
+                            target_unreliable_mask if target_keys_feat is not None else None, generator)
+        per_query = self.per_query_losses(queries_feat, source_keys_feat, source_labels_ds, target_keys_feat,
+                                          samples)
+        loss = self.reduce(per_query, samples, class_weights, queries_feat)
+        return loss, self._metrics(loss, samples)
+
+    def per_query_losses(self, queries_feat: Tensor, source_keys_feat: Tensor, source_labels_ds: Tensor,
+                         target_keys_feat: Optional[Tensor], samples: Sequence[ClassSample]) -> list[Tensor]:
+        """``l(q)`` for the sampled queries of each class, in the order of ``samples``."""
+        queries_all = _flatten_features(queries_feat)
+        prototypes, _ = source_prototypes(source_keys_feat, source_labels_ds, self.num_classes)
+        prototypes = prototypes.to(queries_all.dtype)
+        if self.loss == "mse":
+            out = []
+            for sample in samples:
+                q = F.normalize(queries_all[sample.queries], dim=1)
+                out.append((q - prototypes[sample.cls]).pow(2).sum(dim=1))
+            return out
+        source_keys = F.normalize(_flatten_features(source_keys_feat.detach()), dim=1).to(queries_all.dtype)
+        target_keys = (F.normalize(_flatten_features(target_keys_feat.detach()), dim=1).to(queries_all.dtype)
+                       if target_keys_feat is not None else None)
+        out = []
+        for sample in samples:
+            q = F.normalize(queries_all[sample.queries], dim=1)
+            positive = q @ prototypes[sample.cls]
+            # One similarity matrix per pool, then gather the sampled columns (no n x m x d tensor).
+            logits = [positive.unsqueeze(1), torch.gather(q @ source_keys.t(), 1, sample.source_negatives)]
+            if sample.target_negatives.shape[1] > 0:
+                logits.append(torch.gather(q @ target_keys.t(), 1, sample.target_negatives))
+            logits = torch.cat(logits, dim=1) / self.temperature
+            out.append(torch.logsumexp(logits, dim=1) - logits[:, 0])
+        return out
+
+    def reduce(self, per_query: Sequence[Tensor], samples: Sequence[ClassSample], class_weights: Optional[Tensor],
+               queries_feat: Tensor) -> Tensor:
+        """Class-weighted aggregation (Eq. 5, see the class docstring for the two reductions)."""
+        if not samples:
+            return queries_feat.sum() * 0.0  # keeps the graph so a grouped backward still works
+        classes = torch.tensor([s.cls for s in samples], device=queries_feat.device)
+        if class_weights is None:
+            weights = torch.full((len(samples),), 1.0 / self.num_classes, device=queries_feat.device)
+        else:
+            if class_weights.numel() != self.num_classes:
+                raise ValueError(f"class_weights has {class_weights.numel()} entries, expected {self.num_classes}")
+            weights = class_weights.detach().to(queries_feat.device).float()[classes]
+        if self.reduction == "mean":
+            total = weights.sum()
+            weights = weights / total if total > 0 else torch.full_like(weights, 1.0 / len(samples))
+            terms = torch.stack([losses.mean() for losses in per_query])
+            return (weights.to(terms.dtype) * terms).sum()
+        terms = torch.stack([losses.sum() for losses in per_query])
+        return (weights.to(terms.dtype) * terms).sum() / self.num_classes
+
+    # ---- helpers -------------------------------------------------------------------------------
+
+    def _metrics(self, loss: Tensor, samples: Sequence[ClassSample]) -> dict[str, float]:
+        n_queries = sum(int(s.queries.numel()) for s in samples)
+        n_target = sum(int(s.target_negatives.numel()) for s in samples)
+        n_source = sum(int(s.source_negatives.numel()) for s in samples)
+        return {
+            "loss": float(loss.detach()),
+            "classes": float(len(samples)),
+            "queries": float(n_queries),
+            "target_negative_share": n_target / max(n_target + n_source, 1),
+        }
+
+    def _check_shapes(self, queries_feat: Tensor, source_keys_feat: Tensor, source_labels_ds: Tensor,
+                      target_keys_feat: Optional[Tensor], target_labels_ds: Optional[Tensor],
+                      target_unreliable_mask: Optional[Tensor]) -> None:
+        if queries_feat.shape != source_keys_feat.shape:
+            raise ValueError(f"queries {tuple(queries_feat.shape)} and source keys {tuple(source_keys_feat.shape)} "
+                             "must have the same shape (the pseudo-target is pixel-aligned with the source)")
+        b, _, h, w = queries_feat.shape
+        if tuple(source_labels_ds.shape) != (b, h, w):
+            raise ValueError(f"source labels {tuple(source_labels_ds.shape)} must be {(b, h, w)}; "
+                             "downscale them to feature resolution first")
+        if target_keys_feat is not None and self.loss == "infonce" and self.target_negatives:
+            if target_labels_ds is None or target_unreliable_mask is None:
+                raise ValueError("target keys need target_labels_ds and target_unreliable_mask")
+            tb, _, th, tw = target_keys_feat.shape
+            for name, t in (("target labels", target_labels_ds), ("target mask", target_unreliable_mask)):
+                if tuple(t.shape) != (tb, th, tw):
+                    raise ValueError(f"{name} {tuple(t.shape)} must be {(tb, th, tw)}")
+
+
+# --------------------------------------------------------------------------------------------
+# Feature-resolution targets
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class FeatureTargets:
+    """Labels and target statistics at the projector's resolution."""
+
+    source_labels: Tensor  # B x h x w int64, 255 = ignore
+    target_labels: Tensor  # B' x h' x w' int64 teacher pseudo-labels
+    target_confidence: Tensor  # B' x h' x w' max of the average-pooled probabilities
+    target_unreliable: Tensor  # B' x h' x w' bool
+
+
+def feature_resolution_targets(source_labels: Tensor, target_probs: Tensor, source_size: tuple[int, int],
+                               target_size: tuple[int, int], num_classes: int,
+                               label_downsample: Literal["ratio", "nearest"] = "ratio",
+                               min_ratio: float = 0.75, quantile: float = 0.5,
+                               per_image: bool = False) -> FeatureTargets:
+    """Bring source labels and teacher target probabilities down to feature resolution.
+
+    Source labels use majority-with-purity downscaling (``"ratio"``, DAFormer style) or nearest.
+    Teacher probabilities ``B x C x H x W`` are average-pooled (area interpolation) to the feature
+    size, then max/argmax give confidence and pseudo-labels; the unreliable mask comes from
+    :func:`unreliable_target_mask`.
+    """
+    from udaseg.adapt import downsample  # written alongside; imported here to keep this module light
+
+    scale = source_labels.shape[-1] // source_size[1]
+    if label_downsample == "ratio":
+        if source_labels.shape[-2] != source_size[0] * scale or source_labels.shape[-1] != source_size[1] * scale:
+            raise ValueError(f"labels {tuple(source_labels.shape[-2:])} are not a multiple of features {source_size}")
+        labels_ds = downsample.downscale_label_ratio(source_labels, scale, min_ratio, num_classes,
+                                                     ignore=IGNORE_INDEX)
+    elif label_downsample == "nearest":
+        labels_ds = downsample.downscale_label_nearest(source_labels, source_size)
+    else:
+        raise UserError(f"t2sda.label_downsample: unknown value {label_downsample!r} (choose 'ratio' or 'nearest')")
+    labels_ds = labels_ds.reshape(source_labels.shape[0], *source_size).long()
+    probs_ds = F.interpolate(target_probs.detach().float(), size=target_size, mode="area")
+    confidence, pseudo = probs_ds.max(dim=1)
+    return FeatureTargets(labels_ds, pseudo, confidence, unreliable_target_mask(confidence, quantile, per_image))
+
+
+def _flatten_features(features: Tensor) -> Tensor:
+    """``B x d x h x w`` -> ``(B*h*w) x d`` with position ``b*h*w + i*w + j``."""
+    return features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
+
+
+def _randint(high: int, size: tuple[int, ...], generator: Optional[torch.Generator], device: torch.device) -> Tensor:
+    """Uniform integers in ``[0, high)`` drawn on the generator's device, moved to ``device``."""
+    draw_device = generator.device if generator is not None else device
+    return torch.randint(high, size, generator=generator, device=draw_device).to(device)
