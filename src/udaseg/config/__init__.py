@@ -10,16 +10,7 @@ from typing import Sequence
 
 import yaml
 
-from udaseg.config.loader import (
-    check_override_path,
-    closest,
-    deep_merge,
-    from_dict,
-    load_yaml,
-    merge_into,
-    parse_override,
-    to_dict,
-)
+from udaseg.config.loader import apply_overrides_to_dict, closest, deep_merge, from_dict, load_yaml, to_dict
 from udaseg.config.schema import Config
 from udaseg.errors import UserError
 
@@ -60,11 +51,7 @@ def _resolve(name_or_path: str, seen: tuple[str, ...] = ()) -> dict:
 def load_config(name_or_path: str | None = None, overrides: Sequence[str] = ()) -> Config:
     """Load a preset (by name) or a YAML file, apply ``key.sub=value`` overrides, validate."""
     data = _resolve(name_or_path) if name_or_path else {}
-    for text in overrides:
-        keys, value = parse_override(text)
-        check_override_path(Config, keys)
-        merge_into(data, keys, value)
-    return from_dict(Config, data)
+    return from_dict(Config, apply_overrides_to_dict(data, overrides, Config))
 
 
 def config_to_yaml(cfg: Config) -> str:

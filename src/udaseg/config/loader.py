@@ -209,3 +209,16 @@ def load_yaml(path: str) -> dict:
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must hold a mapping at the top level")
     return data
+
+
+def apply_overrides_to_dict(data: dict, overrides: typing.Sequence[str], schema: type | None = None) -> dict:
+    """Return a copy of ``data`` with ``key.sub=value`` overrides applied (checked against ``schema``)."""
+    import copy
+
+    out = copy.deepcopy(data)
+    for text in overrides:
+        keys, value = parse_override(text)
+        if schema is not None:
+            check_override_path(schema, keys)
+        merge_into(out, keys, value)
+    return out

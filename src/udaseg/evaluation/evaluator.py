@@ -1,0 +1,53 @@
+"""Evaluate a segmentor on a labelled dataset: confusion matrix, per-class IoU, mIoU.
+
+Images are evaluated one at a time at the dataset pipeline's resolution (whole image or sliding
+window); logits are upsampled to the label's size before the argmax, as mmseg does. Under
+``torch.distributed`` every rank evaluates a strided shard and the confusion matrices are summed.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from udaseg.config.schema import EvalConfig
+from udaseg.engine import distributed as dist
+from udaseg.evaluation.metrics import ConfusionMatrix
+from udaseg.models.inference import predict_logits
+
+
+def protocol_classes(protocol: str, num_classes: int) -> Optional[list[int]]:
+    if protocol == "all":
+        return None
+    from udaseg.data.labels import PROTOCOLS
+
+    classes = list(PROTOCOLS[protocol])
+    if max(classes) >= num_classes:
+        raise ValueError(f"protocol {protocol} needs 19 classes, the model has {num_classes}")
+    return classes
+
+
+@torch.no_grad()
+def evaluate(segmentor: nn.Module, dataset, cfg: EvalConfig, num_classes: int, device: torch.device,
+             class_names: Optional[Sequence[str]] = None, progress: bool = True, desc: str = "eval") -> dict:
+    was_training = segmentor.training
+    segmentor.eval()
+    matrix = ConfusionMatrix(num_classes).to(device) if hasattr(ConfusionMatrix, "to") else ConfusionMatrix(num_classes)
+    rank, world = dist.rank(), dist.world_size()
+    indices = range(rank, len(dataset), world)
+    bar = tqdm(indices, desc=desc, leave=False, disable=not progress or rank != 0, dynamic_ncols=True)
+    for index in bar:
+        item = dataset[index]
+        image = item["image"].unsqueeze(0).to(device)
+        label = item["label"].to(device)
+        logits = predict_logits(segmentor, image, mode=cfg.mode, crop_size=cfg.crop_size, stride=cfg.stride,
+                                flip=cfg.flip, out_size=tuple(label.shape[-2:]), batch_windows=cfg.batch_windows)
+        matrix.update(logits.argmax(1), label.unsqueeze(0))
+    dist.all_reduce_sum(matrix.matrix)
+    segmentor.train(was_training)
+    classes = protocol_classes(cfg.protocol, num_classes)
+    names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
+    return matrix.summary(names, classes)
