@@ -1,0 +1,117 @@
+"""``udaseg bench digits``: adaptation quality of every method on the digits benchmark.
+
+For each target domain and seed it trains source-only, the target oracle, DACS and every other
+method that has a ``digits_*`` preset, with one budget, and reports the final student's mIoU on the
+target validation split (mean ± std over seeds) and the share of the source-only → oracle gap each
+method closes. Finished runs are stored and not repeated, so an interrupted benchmark resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+from typing import Optional
+
+from udaseg.config import list_presets
+from udaseg.errors import UserError
+
+BASELINES = ["digits_source_only", "digits_target_oracle", "digits_dacs"]
+MARKER = "digits_quality"
+
+
+def available_methods() -> list[str]:
+    presets = [p for p in list_presets() if p.startswith("digits_")]
+    return BASELINES + sorted(p for p in presets if p not in BASELINES)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    if args.suite != "digits":
+        raise UserError(f"unknown benchmark suite '{args.suite}'; available: digits")
+    from udaseg.demo import demo_config
+    from udaseg.experiments import run_experiment
+
+    methods = args.methods or available_methods()
+    unknown = [m for m in methods if m not in list_presets()]
+    if unknown:
+        raise UserError(f"no preset named {unknown[0]!r}; digits presets: {', '.join(available_methods())}")
+    out = Path(args.out)
+    scores: dict[tuple[str, str], list[float]] = {}
+    start = time.time()
+    total = len(args.domains) * len(methods) * len(args.seeds)
+    done = 0
+    for domain in args.domains:
+        for preset in methods:
+            for seed in args.seeds:
+                done += 1
+                probe = demo_config(preset, domain, out / domain, f"{preset}-s{seed}",
+                                    args.iterations or _preset_iterations(preset), seed, args.data_root)
+                print(f"[{done}/{total}] {domain} {preset} seed {seed}", flush=True)
+                result = run_experiment(probe, progress=True)
+                scores.setdefault((domain, preset), []).append(_student_miou(result))
+    table = format_table(scores, args.domains, methods, args.seeds, args.iterations)
+    print(table)
+    if args.report:
+        write_section(Path(args.report), MARKER, table + f"\n\nWall time of this invocation: {time.time() - start:.0f} s "
+                      f"(finished runs are reused, so this is not the cost of the whole table).\n")
+        print(f"table written to {args.report}")
+    return 0
+
+
+def _preset_iterations(preset: str) -> int:
+    from udaseg.config import load_config
+
+    return load_config(preset).train.iterations
+
+
+def _student_miou(result: dict) -> float:
+    evaluation = result["evaluation"]
+    return float(evaluation["miou"])
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def format_table(scores, domains, methods, seeds, iterations: Optional[int]) -> str:
+    budget = f"{iterations} iterations" if iterations else "each preset's iterations"
+    lines = [f"Target validation mIoU (%) of the final student, mean ± std over seeds {list(seeds)}, {budget}. "
+             "Gap closed = (method − source only) / (oracle − source only).", ""]
+    header = "| method | " + " | ".join(f"{d} mIoU | {d} gap closed" for d in domains) + " |"
+    lines += [header, "|---|" + "---|---|" * len(domains)]
+    for preset in methods:
+        cells = []
+        for domain in domains:
+            values = scores.get((domain, preset), [])
+            if not values:
+                cells += ["–", "–"]
+                continue
+            mean, std = _mean_std(values)
+            src = scores.get((domain, "digits_source_only"))
+            ora = scores.get((domain, "digits_target_oracle"))
+            gap = "–"
+            if src and ora and preset not in ("digits_source_only", "digits_target_oracle"):
+                s, o = statistics.fmean(src), statistics.fmean(ora)
+                if o - s > 1e-9:
+                    gap = f"{100 * (mean - s) / (o - s):.0f}%"
+            cells += [f"{100 * mean:.1f} ± {100 * std:.1f}", gap]
+        lines.append(f"| {preset.removeprefix('digits_')} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_section(path: Path, marker: str, body: str) -> None:
+    """Replace the text between ``<!-- marker:start -->`` and ``<!-- marker:end -->`` (append if absent)."""
+    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    block = f"{start}\n{body.rstrip()}\n{end}"
+    if start in text and end in text:
+        before, rest = text.split(start, 1)
+        _, after = rest.split(end, 1)
+        text = before + block + after
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
