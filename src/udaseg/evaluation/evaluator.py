@@ -1,5 +1,8 @@
 """Evaluate a segmentor on a labelled dataset: confusion matrix, per-class IoU, mIoU.
 
+Returns ``miou`` (fraction, over the protocol's classes), ``iou`` (per class, NaN where a class is
+absent from both prediction and label), ``names``, ``classes`` and ``pixel_accuracy``.
+
 Images are evaluated one at a time at the dataset pipeline's resolution (whole image or sliding
 window); logits are upsampled to the label's size before the argmax, as mmseg does. Under
 ``torch.distributed`` every rank evaluates a strided shard and the confusion matrices are summed.
@@ -35,7 +38,7 @@ def evaluate(segmentor: nn.Module, dataset, cfg: EvalConfig, num_classes: int, d
              class_names: Optional[Sequence[str]] = None, progress: bool = True, desc: str = "eval") -> dict:
     was_training = segmentor.training
     segmentor.eval()
-    matrix = ConfusionMatrix(num_classes).to(device) if hasattr(ConfusionMatrix, "to") else ConfusionMatrix(num_classes)
+    matrix = ConfusionMatrix(num_classes, device=device)
     rank, world = dist.rank(), dist.world_size()
     indices = range(rank, len(dataset), world)
     bar = tqdm(indices, desc=desc, leave=False, disable=not progress or rank != 0, dynamic_ncols=True)
@@ -50,4 +53,10 @@ def evaluate(segmentor: nn.Module, dataset, cfg: EvalConfig, num_classes: int, d
     segmentor.train(was_training)
     classes = protocol_classes(cfg.protocol, num_classes)
     names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
-    return matrix.summary(names, classes)
+    return {
+        "miou": matrix.miou(classes),
+        "iou": [float(v) for v in matrix.iou().tolist()],
+        "names": names,
+        "classes": classes if classes is not None else list(range(num_classes)),
+        "pixel_accuracy": matrix.pixel_accuracy(),
+    }
