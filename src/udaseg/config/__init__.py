@@ -1,6 +1,7 @@
 """Load run configs: presets shipped with the package, YAML files, and command-line overrides.
 
-A preset may start from another with ``base: <preset name>``; its keys then update the base's.
+A preset may start from others with ``base: <preset>`` or ``base: [<preset>, ...]`` (merged in
+order); its own keys then update theirs. Presets whose names start with ``_`` are building blocks.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ __all__ = ["Config", "load_config", "list_presets", "preset_path", "config_to_ya
 
 
 def list_presets() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml") if not p.stem.startswith("_"))
 
 
 def preset_path(name: str) -> Path:
@@ -38,12 +39,15 @@ def _resolve(name_or_path: str, seen: tuple[str, ...] = ()) -> dict:
     data = load_yaml(str(path))
     if not looks_like_file:
         data.setdefault("name", name_or_path)
-    base = data.pop("base", None)
-    if base is None:
+    bases = data.pop("base", None)
+    if bases is None:
         return data
-    if base in seen:
-        raise UserError(f"preset '{name_or_path}' inherits from itself through '{base}'")
-    merged = deep_merge(_resolve(str(base), seen + (name_or_path,)), data)
+    merged: dict = {}
+    for base in [bases] if isinstance(bases, str) else list(bases):
+        if base in seen or base == name_or_path:
+            raise UserError(f"preset '{name_or_path}' inherits from itself through '{base}'")
+        merged = deep_merge(merged, _resolve(str(base), seen + (name_or_path,)))
+    merged = deep_merge(merged, data)
     merged["name"] = data.get("name", Path(name_or_path).stem)
     return merged
 
