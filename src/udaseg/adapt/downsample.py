@@ -1,0 +1,83 @@
+"""Label maps brought down to a feature grid.
+
+:func:`downscale_label_ratio` is DAFormer's majority-ratio rule (spec sepico §1.3), used for the
+contrastive losses, the class statistics and the ImageNet feature distance:
+
+1. map the ignore value to an extra class K and one-hot the labels into K + 1 channels;
+2. average-pool with kernel = stride = s, giving each cell's class fractions;
+3. the cell takes the argmax class; it becomes ``ignore`` when that is the extra class or when its
+   fraction is below ``min_ratio``.
+
+So a cell keeps a label only if one real class covers at least ``min_ratio`` of its s×s block.
+Cells are the ⌊H/s⌋×⌊W/s⌋ full blocks (trailing rows/columns are dropped, as avg-pooling does).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def _split_channel(labels: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    if labels.dim() == 4 and labels.shape[1] == 1:
+        return labels[:, 0], True
+    if labels.dim() != 3:
+        raise ValueError(f"labels must be B×H×W (or B×1×H×W), got shape {tuple(labels.shape)}")
+    return labels, False
+
+
+def downscale_label_ratio(
+    labels: torch.Tensor,
+    scale: int,
+    min_ratio: float = 0.75,
+    num_classes: int = 19,
+    ignore_index: int = 255,
+) -> torch.Tensor:
+    """Majority-ratio downsampling of B×H×W (or B×1×H×W) labels by an integer ``scale``.
+
+    Returns int64 labels of shape B×⌊H/s⌋×⌊W/s⌋ (B×1×… when the input had the channel axis).
+    Values outside [0, num_classes) other than ``ignore_index`` are an error.
+    """
+    if int(scale) != scale or scale < 1:
+        raise ValueError(f"scale must be a positive integer, got {scale}")
+    scale = int(scale)
+    plain, had_channel = _split_channel(labels)
+    plain = plain.long()
+    extra = num_classes
+    remapped = torch.where(plain == ignore_index, torch.full_like(plain, extra), plain)
+    if remapped.numel() and (int(remapped.min()) < 0 or int(remapped.max()) > extra):
+        raise ValueError(
+            f"labels must lie in [0, {num_classes}) or equal {ignore_index}, "
+            f"got range [{int(plain.min())}, {int(plain.max())}]"
+        )
+    one_hot = F.one_hot(remapped, num_classes=extra + 1).permute(0, 3, 1, 2).float()
+    fractions = F.avg_pool2d(one_hot, kernel_size=scale, stride=scale)
+    best_fraction, best_class = fractions.max(dim=1)
+    rejected = (best_class == extra) | (best_fraction < min_ratio)
+    out = torch.where(rejected, torch.full_like(best_class, ignore_index), best_class)
+    return out.unsqueeze(1) if had_channel else out
+
+
+def downscale_label_nearest(
+    labels: torch.Tensor,
+    scale: Optional[int] = None,
+    size: Optional[Sequence[int]] = None,
+) -> torch.Tensor:
+    """Nearest-neighbour downsampling of B×H×W (or B×1×H×W) labels to ``size`` or by ``scale``.
+
+    PyTorch's ``nearest`` mode picks source index ⌊i·H/h⌋, i.e. the top-left pixel of each block
+    when H is a multiple of h. Give exactly one of ``scale`` (output ⌊H/s⌋×⌊W/s⌋) or ``size`` (h, w).
+    """
+    if (scale is None) == (size is None):
+        raise ValueError("give exactly one of scale or size")
+    plain, had_channel = _split_channel(labels)
+    height, width = plain.shape[-2:]
+    if size is None:
+        if int(scale) != scale or scale < 1:
+            raise ValueError(f"scale must be a positive integer, got {scale}")
+        size = (height // int(scale), width // int(scale))
+    out = F.interpolate(plain[:, None].float(), size=tuple(int(v) for v in size), mode="nearest")
+    out = out[:, 0].to(plain.dtype)
+    return out.unsqueeze(1) if had_channel else out
