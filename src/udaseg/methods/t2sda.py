@@ -390,11 +390,11 @@ class PullingLoss(nn.Module):
             return queries_feat.sum() * 0.0  # keeps the graph so a grouped backward still works
         classes = torch.tensor([s.cls for s in samples], device=queries_feat.device)
         if class_weights is None:
-            weights = torch.full((len(samples),), 1.0 / self.num_classes, device=queries_feat.device)
+            weights = torch.full((len(samples),), 1.0 / self.num_classes, dtype=torch.float64, device=queries_feat.device)
         else:
             if class_weights.numel() != self.num_classes:
                 raise ValueError(f"class_weights has {class_weights.numel()} entries, expected {self.num_classes}")
-            weights = class_weights.detach().to(queries_feat.device).float()[classes]
+            weights = class_weights.detach().to(queries_feat.device, torch.float64)[classes]
         if self.reduction == "mean":
             total = weights.sum()
             weights = weights / total if total > 0 else torch.full_like(weights, 1.0 / len(samples))
