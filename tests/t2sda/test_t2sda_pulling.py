@@ -6,6 +6,7 @@ import torch
 
 from udaseg.errors import UserError
 from udaseg.methods.t2sda import (PullingLoss, class_fractions, class_query_counts, dynamic_class_weights,
+                                  feature_resolution_targets,
                                   source_prototypes, unreliable_target_mask)
 
 C = 4
@@ -276,3 +277,21 @@ def test_bad_settings_are_user_errors():
         PullingLoss(C, loss="cosine")
     with pytest.raises(UserError, match="reduction"):
         PullingLoss(C, reduction="sum")
+
+
+def test_feature_resolution_targets():
+    labels = torch.tensor([[[0, 0, 1, 1],
+                            [0, 0, 1, 255],
+                            [2, 2, 3, 1],
+                            [2, 255, 1, 3]]])
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(2, C, 4, 6, generator=g), dim=1)
+    out = feature_resolution_targets(labels, probs, (2, 2), (2, 3), C, label_downsample="ratio", min_ratio=0.75)
+    # Purity over all four pixels of the block: (1, 255) block has 3/4 ones -> 1; (3, 1) block is mixed -> 255.
+    assert out.source_labels.tolist() == [[[0, 1], [2, 255]]]
+    nearest = feature_resolution_targets(labels, probs, (2, 2), (2, 3), C, label_downsample="nearest")
+    assert nearest.source_labels.tolist() == [[[0, 1], [2, 3]]]
+    pooled = torch.nn.functional.avg_pool2d(probs, 2)
+    assert torch.allclose(out.target_confidence, pooled.max(dim=1).values)
+    assert torch.equal(out.target_labels, pooled.argmax(dim=1))
+    assert torch.equal(out.target_unreliable, unreliable_target_mask(out.target_confidence, 0.5))

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from udaseg.adapt.downsample import downscale_label_nearest, downscale_label_ratio
 from udaseg.errors import UserError
 
 IGNORE_INDEX = 255
@@ -461,16 +462,14 @@ def feature_resolution_targets(source_labels: Tensor, target_probs: Tensor, sour
     size, then max/argmax give confidence and pseudo-labels; the unreliable mask comes from
     :func:`unreliable_target_mask`.
     """
-    from udaseg.adapt import downsample  # written alongside; imported here to keep this module light
-
-    scale = source_labels.shape[-1] // source_size[1]
     if label_downsample == "ratio":
-        if source_labels.shape[-2] != source_size[0] * scale or source_labels.shape[-1] != source_size[1] * scale:
-            raise ValueError(f"labels {tuple(source_labels.shape[-2:])} are not a multiple of features {source_size}")
-        labels_ds = downsample.downscale_label_ratio(source_labels, scale, min_ratio, num_classes,
-                                                     ignore=IGNORE_INDEX)
+        height, width = source_labels.shape[-2:]
+        scale = height // source_size[0]
+        if scale < 1 or height // scale != source_size[0] or width // scale != source_size[1]:
+            raise ValueError(f"labels {(height, width)} are not an integer multiple of the features {source_size}")
+        labels_ds = downscale_label_ratio(source_labels, scale, min_ratio, num_classes, ignore_index=IGNORE_INDEX)
     elif label_downsample == "nearest":
-        labels_ds = downsample.downscale_label_nearest(source_labels, source_size)
+        labels_ds = downscale_label_nearest(source_labels, size=source_size)
     else:
         raise UserError(f"t2sda.label_downsample: unknown value {label_downsample!r} (choose 'ratio' or 'nearest')")
     labels_ds = labels_ds.reshape(source_labels.shape[0], *source_size).long()
