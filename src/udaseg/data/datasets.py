@@ -60,7 +60,7 @@ def read_image(path: Path) -> np.ndarray:
     """An image file as ``H×W×3 uint8`` RGB."""
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
+            return np.array(im.convert("RGB"))
     except FileNotFoundError:
         raise UserError(f"image file not found: {path}") from None
     except _READ_ERRORS as err:
@@ -133,8 +133,7 @@ LABEL_READERS: dict[str, Callable[[Image.Image, Path], np.ndarray]] = {
 def read_label_values(path: Path, reader: str = "index") -> np.ndarray:
     """The raw values of a label file (before any id mapping)."""
     try:
-        with Image.open(path) as im:
-            im.load()
+        with Image.open(path) as im:  # decoded by the reader (the 16-bit check needs the undecoded tile)
             return LABEL_READERS[reader](im, path)
     except FileNotFoundError:
         raise UserError(f"label file not found: {path}") from None

@@ -141,14 +141,15 @@ def image_to_tensor(image: np.ndarray) -> torch.Tensor:
     """``H×W×3 uint8`` -> float ``3×H×W`` in 0-255."""
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"images must be H×W×3, got shape {image.shape}")
+    if not image.flags.writeable:
+        image = image.copy()
     return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
 
 
 def _map_to_tensor(array: np.ndarray) -> torch.Tensor:
-    array = np.ascontiguousarray(array)
-    if array.dtype.kind in "ui":
-        return torch.from_numpy(array.astype(np.int64))
-    return torch.from_numpy(array.astype(np.float32))
+    if array.dtype.kind in "uib":
+        return torch.from_numpy(np.array(array, dtype=np.int64))
+    return torch.from_numpy(np.array(array, dtype=np.float32))
 
 
 class Pipeline:
