@@ -106,3 +106,26 @@ def test_schedule_power_min_lr_and_state():
     schedule2.load_state_dict(state)
     assert schedule2.get_lr() == schedule.get_lr()
     assert schedule2.last_iter == 4
+
+
+def test_optimizer_state_survives_weights_only_checkpoint(tmp_path):
+    from udaseg.engine.checkpoint import load_checkpoint, save_checkpoint
+
+    model = Net()
+    cfg = OptimConfig(lr=1e-3, warmup_iters=2)
+    opt = build_optimizer(model, cfg)
+    schedule = PolyWarmupSchedule(opt, cfg, max_iters=20)
+    schedule.step(3)
+    loss = sum((p**2).sum() for p in model.parameters() if p.requires_grad)
+    loss.backward()
+    opt.step()
+    path = save_checkpoint(tmp_path / "s.pt", {"optimizer": opt.state_dict(), "scheduler": schedule.state_dict()})
+    state = load_checkpoint(path)
+    opt2 = build_optimizer(model, cfg)
+    opt2.load_state_dict(state["optimizer"])
+    schedule2 = PolyWarmupSchedule(opt2, cfg, max_iters=20)
+    schedule2.load_state_dict(state["scheduler"])
+    assert schedule2.get_lr() == schedule.get_lr()
+    first = next(iter(opt.state.values()))
+    restored = opt2.state[opt2.param_groups[0]["params"][0]]
+    assert torch.equal(first["exp_avg"], restored["exp_avg"])
