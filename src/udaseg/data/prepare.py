@@ -78,11 +78,19 @@ def _jobs(dataset: SegmentationDataset, force: bool, need_counts: bool) -> list[
 
 
 def _run_pool(jobs: list[Job], nproc: int, desc: str) -> list[tuple[str, Optional[dict[int, int]], int, bool]]:
-    if nproc <= 1 or len(jobs) <= 1:
-        return [_process(job) for job in tqdm(jobs, desc=desc, unit="file", file=sys.stderr)]
-    with multiprocessing.get_context("fork").Pool(nproc) as pool:
-        return list(tqdm(pool.imap(_process, jobs, chunksize=max(1, len(jobs) // (nproc * 16))),
-                         total=len(jobs), desc=desc, unit="file", file=sys.stderr))
+    """Run the jobs in order, in ``nproc`` processes, with a progress bar on a terminal."""
+    results = []
+    with tqdm(total=len(jobs), desc=desc, unit="file", file=sys.stderr, disable=None) as bar:
+        if nproc <= 1 or len(jobs) <= 1:
+            for job in jobs:
+                results.append(_process(job))
+                bar.update()
+        else:
+            with multiprocessing.get_context().Pool(nproc) as pool:
+                for result in pool.imap(_process, jobs, chunksize=max(1, len(jobs) // (nproc * 16))):
+                    results.append(result)
+                    bar.update()
+    return results
 
 
 def prepare_dataset(name: str, root: Path, nproc: int = 2, force: bool = False) -> dict[str, Any]:
