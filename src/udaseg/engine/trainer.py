@@ -63,7 +63,7 @@ def build_source_dataset(cfg: Config, spec: DatasetConfig):
     if spec.rcs.enabled:
         from udaseg.data.sampling import RareClassSampledDataset
 
-        dataset = RareClassSampledDataset(dataset, spec.rcs)
+        dataset = RareClassSampledDataset(dataset, Path(spec.root), spec.rcs)
     return dataset
 
 
