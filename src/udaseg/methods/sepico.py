@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from udaseg.adapt.downsample import downscale_label_ratio
+from udaseg.adapt.stats import OnlineClassStatistics
 from udaseg.errors import UserError
 
 IGNORE_INDEX = 255
@@ -288,8 +290,6 @@ class ContrastRegularizer(nn.Module):
 # =====================================================================  one domain's contrastive term
 def _downscale_labels(labels: Tensor, feature_size: Sequence[int], min_ratio: float, num_classes: int) -> Tensor:
     """B x H x W labels -> B x h x w with the 75%-majority rule (scale = W // w)."""
-    from udaseg.adapt.downsample import downscale_label_ratio
-
     height, width = labels.shape[-2:]
     h, w = feature_size
     scale = width // w
@@ -315,7 +315,7 @@ def flatten_valid(features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
 def sepico_pixel_loss(
     features: Tensor,
     labels: Tensor,
-    stats,
+    stats: OnlineClassStatistics,
     variant: Literal["proto", "bank", "dist"] = "dist",
     temperature: float = 100.0,
     weight: float = 1.0,
