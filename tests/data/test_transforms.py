@@ -167,3 +167,14 @@ def test_from_config():
     pipe = Pipeline.from_config(cfg, MEAN, STD)
     assert pipe.resize == (64, 32) and pipe.crop_size == (16, 24) and pipe.cat_max_ratio == 0.5 and pipe.flip
     assert CropBox(1, 2, 3, 4).slices() == (slice(1, 4), slice(2, 6))
+
+
+def test_uint8_resize_agrees_with_float_reference():
+    image = np.random.default_rng(2).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    tensor = torch.from_numpy(image).permute(2, 0, 1)
+    fast = resize_image(tensor, 20, 31)
+    reference = resize_image(tensor.float(), 20, 31)
+    assert fast.dtype == torch.uint8 and fast.shape == (3, 20, 31)
+    assert (fast.float() - reference).abs().max() <= 1
+    out = Pipeline([0, 0, 0], [1, 1, 1], resize=(31, 20), keep_ratio=False)(image)
+    assert torch.equal(out["image"], fast.float())

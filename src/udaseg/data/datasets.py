@@ -706,7 +706,7 @@ def load_class_file(path: Path) -> tuple[ClassSet, int]:
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
         raise UserError(f"{path}: 'classes' must be a non-empty list of names")
     ignore = data.get("ignore_index", IGNORE_INDEX)
-    if not isinstance(ignore, int) or not 0 <= ignore <= 255 or ignore < len(names):
+    if isinstance(ignore, bool) or not isinstance(ignore, int) or not len(names) <= ignore <= 255:
         raise UserError(f"{path}: 'ignore_index' must be an int in {len(names)}..255, got {ignore!r}")
     if len(names) > 255:
         raise UserError(f"{path}: at most 255 classes are supported, got {len(names)}")
