@@ -57,6 +57,10 @@ def test_files_per_class_keeps_files_above_min_pixels():
         files_per_class(samples_with_class, [0], 5000)
 
 
+def rcs_dataset(cfg):
+    return RareClassSampledDataset(build_dataset(cfg, [0, 0, 0], [1, 1, 1]), cfg.root, cfg.rcs)
+
+
 def _stripe_dataset(tmp_path, fake, n_images=3):
     """GTA5 images of 4x16 pixels: bicycle (id 33 -> trainId 18) in the 4 left columns, road elsewhere."""
     label = np.full((4, 16), 7, dtype=np.uint8)
@@ -76,8 +80,8 @@ def test_rcs_recrops_until_the_class_is_in_the_crop(tmp_path, fake):
     root = _stripe_dataset(tmp_path, fake)
     cfg = DatasetConfig(name="gta5", root=str(root), crop_size=[4, 4],
                         rcs=RCSConfig(enabled=True, temperature=0.01, min_pixels=10, min_crop_ratio=0.5))
-    ds = build_dataset(cfg, [0, 0, 0], [1, 1, 1])
-    assert isinstance(ds, RareClassSampledDataset) and len(ds) == 3
+    ds = rcs_dataset(cfg)
+    assert len(ds) == 3
     torch.manual_seed(0)
     draws = [ds.draw()[0] for _ in range(2000)]
     assert abs(np.mean([c == 18 for c in draws]) - ds.probabilities[0].item()) < 0.03
@@ -97,7 +101,7 @@ def test_rcs_is_deterministic_under_seed(tmp_path, fake):
     root = _stripe_dataset(tmp_path, fake)
     cfg = DatasetConfig(name="gta5", root=str(root), crop_size=[4, 4], flip=True,
                         rcs=RCSConfig(enabled=True, temperature=0.5, min_pixels=10))
-    ds = build_dataset(cfg, [0, 0, 0], [1, 1, 1])
+    ds = rcs_dataset(cfg)
     torch.manual_seed(5)
     a = [(ds[0]["index"], ds[0]["label"]) for _ in range(10)]
     torch.manual_seed(5)
@@ -111,10 +115,10 @@ def test_rcs_errors(tmp_path, fake):
     (root / "labels" / "00003.png").unlink()
     (root / "images" / "00003.png").unlink()
     with pytest.raises(UserError, match="00003_labelTrainIds.png, which is not in the dataset"):
-        build_dataset(cfg, [0, 0, 0], [1, 1, 1])
+        rcs_dataset(cfg)
     (root / "samples_with_class.json").unlink()
     with pytest.raises(UserError, match="udaseg prepare"):
-        build_dataset(cfg, [0, 0, 0], [1, 1, 1])
+        rcs_dataset(cfg)
     cfg.labelled = False
     with pytest.raises(UserError, match="labelled"):
-        build_dataset(cfg, [0, 0, 0], [1, 1, 1])
+        rcs_dataset(cfg)

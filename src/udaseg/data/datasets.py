@@ -286,7 +286,8 @@ def register_dataset(name: str) -> Callable[[DatasetFactory], DatasetFactory]:
 
 
 def build_dataset(cfg: DatasetConfig, mean: Sequence[float], std: Sequence[float]) -> torch.utils.data.Dataset:
-    """Build the dataset ``cfg.name`` (wrapped in rare class sampling when ``cfg.rcs.enabled``)."""
+    """Build the dataset ``cfg.name``. Rare class sampling (``cfg.rcs``) is not applied here: the
+    trainer wraps the source in ``udaseg.data.sampling.RareClassSampledDataset``."""
     cfg.validate()
     if cfg.name not in DATASETS and cfg.name.startswith("digits"):
         try:
@@ -299,13 +300,7 @@ def build_dataset(cfg: DatasetConfig, mean: Sequence[float], std: Sequence[float
         match = difflib.get_close_matches(cfg.name, list(DATASETS), n=1, cutoff=0.5)
         hint = f"; did you mean '{match[0]}'?" if match else f"; known datasets: {', '.join(sorted(DATASETS))}"
         raise UserError(f"unknown dataset '{cfg.name}'{hint}")
-    dataset = DATASETS[cfg.name](cfg, mean, std)
-    if cfg.rcs.enabled:
-        from udaseg.data.sampling import RareClassSampledDataset
-
-        stats_dir = Path(cfg.options.get("rcs_stats_dir") or cfg.root)
-        dataset = RareClassSampledDataset(dataset, stats_dir, cfg.rcs)
-    return dataset
+    return DATASETS[cfg.name](cfg, mean, std)
 
 
 # --------------------------------------------------------------------------------------------
