@@ -118,15 +118,17 @@ def test_dark_zurich_class_weights(scale, expected):
 
 def test_fuse_day_night_matches_the_rule():
     g = torch.Generator().manual_seed(0)
-    p_day = torch.softmax(3 * torch.randn(2, 19, 3, 4, generator=g), dim=1)
-    p_night = torch.softmax(3 * torch.randn(2, 19, 3, 4, generator=g), dim=1)
+    p_day = torch.softmax(4 * torch.randn(2, 19, 2, 3, generator=g), dim=1)
+    p_night = torch.softmax(4 * torch.randn(2, 19, 2, 3, generator=g), dim=1)
     weights = dark_zurich_class_weights(0.05)
     fused = fuse_day_night(p_day, p_night, weights)
     static = {0, 1, 2, 3, 4, 8, 9, 10}
+    confident = p_day[:, sorted(static)] > 0.4
+    assert bool(confident.any()) and not bool(confident.all())  # both branches of the rule occur
     for b in range(2):
         for c in range(19):
-            for i in range(3):
-                for j in range(4):
+            for i in range(2):
+                for j in range(3):
                     day, night = float(p_day[b, c, i, j]), float(p_night[b, c, i, j])
                     w = (0.8 if day > 0.4 else 0.2) if c in static else 0.0
                     expected = (w * day + (1 - w) * night) * float(weights[c])

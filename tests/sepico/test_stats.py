@@ -164,3 +164,51 @@ def test_update_detaches_and_validates():
         stats.update(torch.rand(2, A + 1), torch.tensor([0, 1]))
     with pytest.raises(RuntimeError, match="no centroid queues"):
         stats.bank_entries(0)
+
+
+DDP_SCRIPT = '''
+import sys
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from udaseg.adapt.stats import OnlineClassStatistics
+
+
+def data():
+    g = torch.Generator().manual_seed(0)
+    return [(torch.rand(12, 5, generator=g), torch.randint(0, 4, (12,), generator=g)) for _ in range(3)]
+
+
+def worker(rank, init_file, out_dir):
+    dist.init_process_group("gloo", init_method="file://" + init_file, rank=rank, world_size=2)
+    stats = OnlineClassStatistics(4, 5, bank_size=3)
+    for features, labels in data():
+        stats.update(features[rank::2], labels[rank::2])  # each rank sees half of every batch
+    torch.save(stats.state_dict(), f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    mp.start_processes(worker, args=(sys.argv[1], sys.argv[2]), nprocs=2, start_method="fork")
+'''
+
+
+def test_torch_distributed_ranks_share_the_global_batch_statistics(tmp_path):
+    """Two gloo processes, each with half of every batch, end with the one-process statistics."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "ddp_stats.py"
+    script.write_text(DDP_SCRIPT)
+    run = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "init"), str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    g = torch.Generator().manual_seed(0)
+    single = OnlineClassStatistics(4, 5, bank_size=3)
+    for _ in range(3):
+        single.update(torch.rand(12, 5, generator=g), torch.randint(0, 4, (12,), generator=g))
+    for rank in (0, 1):
+        state = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        for name, value in single.state_dict().items():
+            torch.testing.assert_close(state[name], value, atol=1e-6, rtol=1e-5, msg=name)
