@@ -184,7 +184,9 @@ def load_pretrained(module: nn.Module, path: str, fmt: str = "auto", strict: boo
     if fmt in BACKBONE_FORMATS:
         mapped, ignored = _map_backbone_format(state_dict, fmt)
         target = module.backbone if isinstance(module, Segmentor) else module
+        key_prefix = "backbone." if isinstance(module, Segmentor) else ""
     else:
+        key_prefix = ""
         if fmt == "uda":
             state_dict, ignored = _select_uda_model(state_dict, use_ema, path)
         if isinstance(module, Segmentor):
@@ -198,10 +200,25 @@ def load_pretrained(module: nn.Module, path: str, fmt: str = "auto", strict: boo
 
     report = _compare(mapped, target.state_dict(), path, fmt, ignored)
     if strict and not report.ok:
-        raise UserError(_strict_message(report, module, len(target.state_dict())))
+        raise UserError(_strict_message(_with_prefix(report, key_prefix), module, len(target.state_dict())))
     if report.loaded:
         target.load_state_dict({k: mapped[k] for k in report.loaded}, strict=False)
-    return report
+    return _with_prefix(report, key_prefix)
+
+
+def _with_prefix(report: LoadReport, prefix: str) -> LoadReport:
+    """Name the target's keys as seen from the module the caller passed (e.g. ``backbone.stem.0.weight``)."""
+    if not prefix:
+        return report
+    return LoadReport(
+        path=report.path,
+        format=report.format,
+        loaded=[prefix + k for k in report.loaded],
+        missing=[prefix + k for k in report.missing],
+        unexpected=[prefix + k for k in report.unexpected],
+        mismatched=[(prefix + k, a, b) for k, a, b in report.mismatched],
+        ignored=report.ignored,
+    )
 
 
 def _compare(mapped: Mapping[str, Tensor], expected: Mapping[str, Tensor], path: str, fmt: str,
