@@ -13,7 +13,7 @@ from udaseg.models.backbones.mit import EfficientSelfAttention
 from udaseg.models.heads import DeepLabV2Head
 from udaseg.models.layers import DropPath
 
-H, W = 65, 97  # not multiples of 32
+H, W = 33, 49  # not multiples of 32 (nor of 8)
 
 
 def _out(size, stride):

@@ -109,14 +109,15 @@ def test_bf16_autocast_and_channels_last_forward(name):
     torch.testing.assert_close(cl_out, reference, rtol=1e-4, atol=1e-4)
 
 
-def test_torch_compile_traces_without_graph_breaks(tiny_model):
+def test_torch_compile_traces_without_graph_breaks():
     # The inductor backend takes minutes on a small shared CPU; benchmarks/models.py measures it.
     # Here dynamo must capture the whole segmentor (fullgraph) and give the eager result.
-    compiled = torch.compile(tiny_model, backend="eager", fullgraph=True)
+    model = build_model("segformer_tiny", 3).eval()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
     x = torch.randn(1, 3, 36, 52)
     with torch.no_grad():
         out = compiled(x, taps=("decoder",))
-    torch.testing.assert_close(out.logits, tiny_model(x).logits)
+    torch.testing.assert_close(out.logits, model(x).logits)
     assert out.features["decoder"].shape == (1, 64, 9, 13)
 
 

@@ -279,3 +279,28 @@ def test_build_model_pretrained_option(tmp_path):
     path = _save(tmp_path, sd)
     model = build_model("segformer_tiny", 3, pretrained=str(path))
     assert torch.equal(model.backbone.patch_embed1.proj.weight, sd["patch_embed1.proj.weight"])
+
+
+def official_segformer_head_keys(in_dims, embed, num_classes):
+    """DAFormer's port of the SegFormer head (``linear_c``, ``linear_fuse`` ConvModule, ``linear_pred``);
+    its base class also builds an unused ``conv_seg``."""
+    sd = {}
+    for i, c in enumerate(in_dims):
+        sd[f"linear_c.{i}.proj.weight"], sd[f"linear_c.{i}.proj.bias"] = _rand(embed, c), _rand(embed)
+    sd["linear_fuse.conv.weight"] = _rand(embed, 4 * embed, 1, 1)
+    _bn(sd, "linear_fuse.bn", embed)
+    sd["linear_pred.weight"], sd["linear_pred.bias"] = _rand(num_classes, embed, 1, 1), _rand(num_classes)
+    sd["conv_seg.weight"], sd["conv_seg.bias"] = _rand(num_classes, embed, 1, 1), _rand(num_classes)
+    return sd
+
+
+def test_mmseg_segformer_checkpoint(tmp_path):
+    backbone = official_mit_keys(**MIT_TINY, with_head=False)
+    head = official_segformer_head_keys(MIT_TINY["dims"], 64, 19)
+    sd = {**_prefixed("backbone.", backbone), **_prefixed("decode_head.", head)}
+    path = _save(tmp_path, {"state_dict": sd})
+    model = build_model("segformer_tiny", 19)
+    report = load_pretrained(model, path, strict=True)
+    assert report.format == "mmseg" and report.ok
+    assert report.ignored == ["decode_head.conv_seg.bias", "decode_head.conv_seg.weight"]
+    assert torch.equal(model.decode_head.linear_fuse.bn.running_mean, head["linear_fuse.bn.running_mean"])
