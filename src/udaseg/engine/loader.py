@@ -97,9 +97,12 @@ class DataStream:
     def _make_iterator(self):
         sampler = ShuffledStreamSampler(len(self.dataset), self.seed, self.stream, self.position, self.rank,
                                         self.world_size)
+        # A private generator: creating the loader's iterator must not draw from the global RNG,
+        # or a resumed run (which creates a fresh iterator) would leave the straight trajectory.
+        generator = torch.Generator().manual_seed(mix_seed(self.seed, self.stream, self.rank))
         loader = DataLoader(SeededItems(self.dataset), batch_size=self.batch_size, sampler=sampler,
                             num_workers=self.workers, pin_memory=self.pin_memory, drop_last=True,
-                            persistent_workers=self.workers > 0)
+                            persistent_workers=self.workers > 0, generator=generator)
         return iter(loader)
 
     def __iter__(self):

@@ -187,6 +187,12 @@ class Trainer:
 
     # -- evaluation -------------------------------------------------------------------------
     def evaluate_all(self, teacher_too: bool = False) -> dict:
+        # Evaluation must not move the training RNG, or a run that evaluates at a different
+        # iteration (or a resumed one) would follow another trajectory.
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            return self._evaluate_all(teacher_too)
+
+    def _evaluate_all(self, teacher_too: bool) -> dict:
         summary: dict = {}
         models = [("student", self.model.segmentor)]
         if teacher_too and self.teacher is not None:
