@@ -62,6 +62,16 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def average_values(values: dict[str, float]) -> dict[str, float]:
+    """Mean of each logged value over ranks (every rank must pass the same keys)."""
+    if not is_enabled() or not values:
+        return dict(values)
+    keys = sorted(values)
+    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
+    return {k: float(v) / world_size() for k, v in zip(keys, tensor.tolist())}
+
+
 def average_gradients(parameters: Iterable[nn.Parameter]) -> None:
     """Average ``.grad`` over ranks; parameters without a gradient on a rank count as zeros."""
     if not is_enabled():

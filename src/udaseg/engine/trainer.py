@@ -158,7 +158,7 @@ class Trainer:
                 self.iteration = it + 1
                 bar.update(1)
                 if it % cfg.log_interval == 0 or self.iteration == cfg.iterations:
-                    record = {**result.losses, **result.metrics, "lr": self.optimizer.param_groups[0]["lr"],
+                    record = {**dist.average_values(result.losses), **result.metrics, "lr": self.optimizer.param_groups[0]["lr"],
                               "time": round(time.perf_counter() - start, 4)}
                     self.logger.log(it, "train", record)
                     bar.set_postfix({k: f"{v:.3g}" for k, v in list(result.losses.items())[:3]}, refresh=False)
