@@ -176,7 +176,7 @@ def _plot_predictions(plt, path: Path, configs: dict[str, Config]) -> None:
         models[run_name] = segmentor.eval()
     cfg = configs["adapted"]
     dataset = build_dataset(cfg.data.val[0], cfg.data.mean, cfg.data.std)
-    palette = dataset.class_set.palette
+    palette = dataset.classes.palette
     mean = torch.tensor(cfg.data.mean).view(3, 1, 1)
     std = torch.tensor(cfg.data.std).view(3, 1, 1)
     count = min(SAMPLES, len(dataset))

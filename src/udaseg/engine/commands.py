@@ -121,7 +121,7 @@ def evaluate(args: argparse.Namespace) -> int:
     results = {}
     for spec in cfg.data.val:
         dataset = build_dataset(spec, cfg.data.mean, cfg.data.std)
-        names = list(getattr(getattr(dataset, "class_set", None), "classes", [])) or None
+        names = list(dataset.classes.names)
         result = run_eval(segmentor, dataset, cfg.eval, cfg.model.num_classes, device, names,
                           desc=f"eval {spec.name}")
         results[f"{spec.name}/{spec.split}"] = result
@@ -214,14 +214,13 @@ def predict(args: argparse.Namespace) -> int:
 
 
 def _palette(cfg: Config):
-    from udaseg.data import build_dataset  # noqa: F401  (registers datasets)
+    """The palette of the config's evaluation dataset, or Cityscapes' when it cannot be opened here."""
+    from udaseg.data import build_dataset
     from udaseg.data.labels import CITYSCAPES_CLASSES
 
     if cfg.data.val:
         try:
-            from udaseg.data import build_dataset as _build
-
-            return _build(cfg.data.val[0], cfg.data.mean, cfg.data.std).class_set.palette
+            return build_dataset(cfg.data.val[0], cfg.data.mean, cfg.data.std).classes.palette
         except UserError:
             pass
     return CITYSCAPES_CLASSES.palette

@@ -199,7 +199,7 @@ class Trainer:
             models.append(("teacher", self.teacher.module.segmentor))
         for who, segmentor in models:
             for spec, dataset in self.val_sets:
-                names = getattr(getattr(dataset, "class_set", None), "classes", None)
+                names = list(dataset.classes.names)
                 result = evaluate(segmentor, dataset, self.cfg.eval, self.cfg.model.num_classes, self.device,
                                   names, progress=self.progress, desc=f"eval {spec.name}")
                 tag = f"{who}/{spec.name}"
