@@ -22,15 +22,22 @@ labels are trainIds with 255 = ignore.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
-from typing import Literal, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Literal, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from udaseg.adapt.downsample import downscale_label_nearest, downscale_label_ratio
+from udaseg.adapt.step import Need, Objective, StepContext
+from udaseg.config.schema import Config, SelfTrainingConfig, T2SDAConfig
 from udaseg.errors import UserError
+from udaseg.methods import Method, register_method
+
+if TYPE_CHECKING:
+    from udaseg.adapt.translate import RandomTranslation, Translator
 
 IGNORE_INDEX = 255
 
@@ -487,3 +494,270 @@ def _randint(high: int, size: tuple[int, ...], generator: Optional[torch.Generat
     """Uniform integers in ``[0, high)`` drawn on the generator's device, moved to ``device``."""
     draw_device = generator.device if generator is not None else device
     return torch.randint(high, size, generator=generator, device=draw_device).to(device)
+
+
+# --------------------------------------------------------------------------------------------
+# The objective: T2S-DA inside the shared training step
+# --------------------------------------------------------------------------------------------
+
+PSEUDO_TARGET_VIEW = "pseudo_target"
+PROJECTION_HEAD = "proj_head"
+
+
+def source_labels_at_feature_resolution(labels: Tensor, feature_size: tuple[int, int], num_classes: int,
+                                        label_downsample: Literal["ratio", "nearest"] = "ratio",
+                                        min_ratio: float = 0.75) -> Tensor:
+    """Source labels ``B x H x W`` brought down to ``feature_size`` (``h, w``), as in
+    :func:`feature_resolution_targets` but without target statistics (the DG setting)."""
+    if label_downsample == "ratio":
+        height, width = labels.shape[-2:]
+        scale = height // feature_size[0]
+        if scale < 1 or height // scale != feature_size[0] or width // scale != feature_size[1]:
+            raise ValueError(f"labels {(height, width)} are not an integer multiple of the features {feature_size}")
+        small = downscale_label_ratio(labels, scale, min_ratio, num_classes, ignore_index=IGNORE_INDEX)
+    elif label_downsample == "nearest":
+        small = downscale_label_nearest(labels, size=feature_size)
+    else:
+        raise UserError(f"t2sda.label_downsample: unknown value {label_downsample!r} (choose 'ratio' or 'nearest')")
+    return small.reshape(labels.shape[0], *feature_size).long()
+
+
+def fda_pseudo_target(source: Tensor, target: Tensor, mean: Sequence[float], std: Sequence[float],
+                      beta: float, window: Literal["official", "paper"], generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """FDA pseudo-targets of a normalised source batch, each with a randomly drawn target image.
+
+    For every source image ``i`` a reference ``j_i`` is drawn uniformly from the target batch and
+    ``T(x^s_i) = FDA(x^s_i, x^t_{j_i})`` is computed in raw 0-255 RGB, then normalised again
+    (:func:`udaseg.adapt.fda.fda_translate_normalised`), batched on the images' device. A target of
+    another size is resized (bilinear) to the source size first; only its low frequencies are used.
+
+    Returns:
+        ``(pseudo_target B_s x 3 x H x W, reference indices [B_s])``.
+    """
+    from udaseg.adapt.fda import fda_translate_normalised
+
+    index = _randint(target.shape[0], (source.shape[0],), generator, source.device)
+    reference = target[index]
+    if reference.shape[-2:] != source.shape[-2:]:
+        reference = F.interpolate(reference, size=tuple(source.shape[-2:]), mode="bilinear", align_corners=False)
+    return fda_translate_normalised(source, reference, mean, std, beta, window), index
+
+
+def translate_normalised(images: Tensor, translator: "Translator", mean: Sequence[float], std: Sequence[float],
+                         generator: torch.Generator) -> Tensor:
+    """Apply a per-image translator (``3 x H x W`` float in 0-255 -> same) to a normalised batch."""
+    mean_t = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(-1, 1, 1)
+    std_t = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(-1, 1, 1)
+    raw = (images * std_t + mean_t).clamp(0, 255)
+    out = torch.stack([translator(image, generator).to(images) for image in raw])
+    return (out - mean_t) / std_t
+
+
+class T2SDAPulling(Objective):
+    """T2S-DA's pulling loss as a step objective (spec t2sda §1.11, DG §1.13).
+
+    Per iteration:
+
+    - ``prepare`` adds the view ``pseudo_target``: FDA of each source image with a target image drawn
+      at random from the batch (UDA), or an image-level translation of each source image (DG). It
+      carries the source labels, since every translation is photometric.
+    - Queries: the student's projection of ``pseudo_target`` (a student group of its own).
+    - Positive keys and source negatives: the teacher's projection of the clean ``source`` view.
+    - Target negatives (UDA): the teacher's projection of ``target``, requested on the same teacher
+      forward that makes the pseudo-labels, so the target passes the teacher once. Their
+      pseudo-labels and confidences, and the DRW class weights, come from
+      :func:`udaseg.methods.dacs.teacher_pseudo_labels` (computed once per iteration).
+    - Loss: ``weight * L_pull`` (λ = 0.1) in the ``pseudo_target`` group; optionally a CE on the
+      pseudo-target as well (``source_ce_on_pseudo_target``, an ablation of the paper).
+
+    The projector reads an encoder tap, so the decoder gets no gradient from ``L_pull``.
+    """
+
+    name = "t2sda"
+
+    def __init__(self, cfg: T2SDAConfig, self_training_cfg: SelfTrainingConfig, num_classes: int,
+                 mean: Sequence[float], std: Sequence[float], translator: Optional["Translator"] = None, source_view: str = "source", target_view: str = "target",
+                 head: str = PROJECTION_HEAD, feature_stride: Optional[int] = None):
+        super().__init__()
+        self.feature_stride = feature_stride
+        self.cfg = cfg
+        self.self_training_cfg = self_training_cfg
+        self.num_classes = num_classes
+        self.mean, self.std = list(mean), list(std)
+        self.source_view = source_view
+        self.target_view = target_view
+        self.head = head
+        self.domain_generalisation = bool(cfg.domain_generalisation)
+        if self.domain_generalisation and translator is None:
+            raise UserError("t2sda.domain_generalisation needs at least one image translation (t2sda.dg_translations)")
+        self.translator = translator
+        if cfg.weight < 0:
+            raise UserError(f"t2sda.weight: must be >= 0, got {cfg.weight}")
+        if not 0 <= cfg.fda_beta < 0.5:
+            raise UserError(f"t2sda.fda_beta: {cfg.fda_beta} is out of range (expected 0 <= beta < 0.5)")
+        if not 0 < cfg.label_min_ratio <= 1:
+            raise UserError(f"t2sda.label_min_ratio: must lie in (0, 1], got {cfg.label_min_ratio}")
+        if cfg.label_downsample not in ("ratio", "nearest"):
+            raise UserError(f"t2sda.label_downsample: unknown value {cfg.label_downsample!r} (choose 'ratio' or 'nearest')")
+        unreliable_target_mask(torch.zeros(1, 1, 1), cfg.unreliable_quantile)  # validates the quantile
+        dynamic_class_weights(torch.zeros(1, 1, 1, dtype=torch.long), torch.zeros(1, 1, 1), 1, cfg.reweight_beta,
+                              cfg.absent_class_weight)  # validates beta and the absent-class rule
+        self.loss_fn = PullingLoss(num_classes, cfg.temperature, cfg.negatives, cfg.base_queries, cfg.loss,
+                                   cfg.reduction, target_negatives=cfg.target_negatives and not self.domain_generalisation,
+                                   balanced_queries=cfg.class_balanced_queries)
+
+    @property
+    def uses_target(self) -> bool:
+        return not self.domain_generalisation
+
+    @property
+    def target_keys_used(self) -> bool:
+        return self.uses_target and self.cfg.loss == "infonce" and self.cfg.target_negatives
+
+    def needs(self, iteration: int) -> list[Need]:
+        needs = [Need("student", PSEUDO_TARGET_VIEW, heads=(self.head,)),
+                 Need("teacher", self.source_view, heads=(self.head,))]
+        if self.uses_target:
+            heads = (self.head,) if self.target_keys_used else ()
+            needs.append(Need("teacher", self.target_view, heads=heads))
+        return needs
+
+    def prepare(self, ctx: StepContext, batch: dict) -> None:
+        source = ctx.view(self.source_view)
+        if source.label is None:
+            raise RuntimeError(f"view '{self.source_view}' has no labels")
+        if self.domain_generalisation:
+            image = translate_normalised(source.image, self.translator, self.mean, self.std, ctx.generator)
+        else:
+            image, _ = fda_pseudo_target(source.image, ctx.view(self.target_view).image, self.mean, self.std,
+                                         self.cfg.fda_beta, self.cfg.fda_window, ctx.generator)
+        ctx.add_view(PSEUDO_TARGET_VIEW, image, source.label)
+
+    def losses(self, ctx: StepContext, group: str) -> dict[str, Tensor]:
+        if group != PSEUDO_TARGET_VIEW:
+            return {}
+        student = ctx.student(PSEUDO_TARGET_VIEW)
+        queries = student.projections[self.head]
+        source_keys = ctx.teacher(self.source_view).projections[self.head]
+        labels = ctx.view(PSEUDO_TARGET_VIEW).label
+        if self.uses_target:
+            from udaseg.methods.dacs import teacher_pseudo_labels
+
+            pseudo = teacher_pseudo_labels(ctx, self.self_training_cfg, self.target_view)
+            target_keys = ctx.teacher(self.target_view).projections[self.head] if self.target_keys_used else None
+            loss, metrics = self.pull_loss(queries, source_keys, labels, pseudo["probs"], target_keys, ctx.generator)
+        else:
+            loss, metrics = self.pull_loss(queries, source_keys, labels, generator=ctx.generator)
+        ctx.metrics.update({f"pull_{k}": v for k, v in metrics.items() if k != "loss"})
+        out = {"pull": self.cfg.weight * loss}
+        if self.cfg.source_ce_on_pseudo_target:
+            from udaseg.methods.base import segmentation_cross_entropy
+
+            out["pseudo_target_ce"] = segmentation_cross_entropy(student.logits, labels)
+        return out
+
+    def pull_loss(self, queries: Tensor, source_keys: Tensor, source_labels: Tensor,
+                  target_probs: Optional[Tensor] = None, target_keys: Optional[Tensor] = None,
+                  generator: Optional[torch.Generator] = None) -> tuple[Tensor, dict[str, float]]:
+        """Unweighted ``L_pull`` from projections and full-resolution labels / teacher probabilities.
+
+        Args:
+            queries: ``B x d x h x w`` student projections of the pseudo-target.
+            source_keys: ``B x d x h x w`` teacher projections of the source.
+            source_labels: ``B x H x W`` source labels at image resolution.
+            target_probs: ``B' x C x H' x W'`` teacher softmax on the target (None in DG: no DRW, no
+                target negatives).
+            target_keys: ``B' x d x h' x w'`` teacher projections of the target, or None.
+        """
+        feature_size = tuple(queries.shape[-2:])
+        self._check_feature_grid(tuple(source_labels.shape[-2:]), feature_size)
+        if target_probs is None:
+            labels_ds = source_labels_at_feature_resolution(source_labels, feature_size, self.num_classes,
+                                                            self.cfg.label_downsample, self.cfg.label_min_ratio)
+            return self.loss_fn(queries, source_keys, labels_ds, generator=generator)
+        target_size = tuple(target_keys.shape[-2:]) if target_keys is not None else feature_size
+        targets = feature_resolution_targets(source_labels, target_probs, feature_size, target_size, self.num_classes,
+                                             self.cfg.label_downsample, self.cfg.label_min_ratio,
+                                             self.cfg.unreliable_quantile, self.cfg.quantile_per_image)
+        weights = None
+        if self.cfg.reweight:
+            confidence, pseudo = target_probs.detach().max(dim=1)
+            weights = dynamic_class_weights(pseudo, confidence, self.num_classes, self.cfg.reweight_beta,
+                                            self.cfg.absent_class_weight)
+        if target_keys is None:
+            return self.loss_fn(queries, source_keys, targets.source_labels, class_weights=weights,
+                                generator=generator)
+        return self.loss_fn(queries, source_keys, targets.source_labels, target_keys, targets.target_labels,
+                            targets.target_unreliable, weights, generator)
+
+    def _check_feature_grid(self, image_size: tuple[int, int], feature_size: tuple[int, int]) -> None:
+        if self.cfg.label_downsample != "ratio":
+            return
+        scale = self.feature_stride or image_size[0] // max(feature_size[0], 1)
+        if scale < 1 or image_size[0] != scale * feature_size[0] or image_size[1] != scale * feature_size[1]:
+            raise UserError(f"t2sda: source crop {image_size[0]}x{image_size[1]} is not a multiple of the projector's "
+                            f"{feature_size[0]}x{feature_size[1]} feature grid (t2sda.feature={self.cfg.feature!r}); "
+                            "use a crop size divisible by the feature stride or t2sda.label_downsample=nearest")
+
+
+def build_pseudo_target_translator(cfg: T2SDAConfig) -> "RandomTranslation":
+    """The DG translator: one of ``cfg.dg_translations`` per image, chosen uniformly.
+
+    Translations that cannot run here (``fda`` without ``dg_reference_dir``, the network ones
+    without ``dg_weights``) are skipped with a printed message.
+    """
+    from udaseg.adapt.translate import RandomTranslation, build_translations
+
+    translators, skipped = build_translations(cfg.dg_translations, cfg.dg_reference_dir, cfg.dg_weights,
+                                              cfg.fda_beta if cfg.fda_beta > 0 else 0.01, cfg.fda_window)
+    for name, reason in skipped:
+        print(f"t2sda: image translation '{name}' {reason}", file=sys.stderr)
+    if not translators:
+        raise UserError(f"t2sda.dg_translations: none of {list(cfg.dg_translations)} can run here "
+                        "(see the messages above); add 'weather', 'cartoon' or 'style_stats', or set "
+                        "t2sda.dg_reference_dir")
+    return RandomTranslation(translators)
+
+
+def t2sda_projection_head(cfg: T2SDAConfig, segmentor: nn.Module) -> tuple[nn.Module, str]:
+    """T2S-DA's projector g on the configured tap: ``(ConvProjectionHead, tap)``."""
+    from udaseg.models.heads.projection import ConvProjectionHead
+
+    tap = cfg.feature
+    try:
+        channels = segmentor.tap_channels(tap)
+    except ValueError as error:
+        raise UserError(f"t2sda.feature: {error}") from None
+    if cfg.proj_dim < 1:
+        raise UserError(f"t2sda.proj_dim: must be >= 1, got {cfg.proj_dim}")
+    return ConvProjectionHead(channels, cfg.proj_dim, cfg.proj_dim, kernel_size=3, final_act=cfg.proj_final_act), tap
+
+
+@register_method("t2sda")
+def build_t2sda(cfg: Config, segmentor: nn.Module) -> Method:
+    """T2S-DA on the DACS/DAFormer base (UDA) or on source-only training (``domain_generalisation``)."""
+    from udaseg.methods.base import SupervisedSegmentation
+    from udaseg.methods.dacs import PseudoLabelSelfTraining
+    from udaseg.methods.daformer import ImageNetFeatureDistance
+
+    t2s = cfg.method.t2sda
+    self_training = cfg.method.self_training
+    num_classes = cfg.model.num_classes
+    objectives: list[Objective] = [SupervisedSegmentation("source")]
+    if self_training.feature_distance.enabled:
+        objectives.append(ImageNetFeatureDistance(self_training.feature_distance, segmentor, num_classes))
+    translator = None
+    if t2s.domain_generalisation:
+        translator = build_pseudo_target_translator(t2s)
+    else:
+        objectives.append(PseudoLabelSelfTraining(self_training, cfg.data.mean, cfg.data.std))
+    head, tap = t2sda_projection_head(t2s, segmentor)
+    stride = segmentor.tap_stride(tap)
+    crop = cfg.data.source.crop_size
+    if crop and t2s.label_downsample == "ratio" and (crop[0] % stride or crop[1] % stride):
+        raise UserError(f"data.source.crop_size {crop} is not a multiple of the stride {stride} of the T2S-DA "
+                        f"projector input (t2sda.feature={tap!r}); use a divisible crop or t2sda.label_downsample=nearest")
+    objectives.append(T2SDAPulling(t2s, self_training, num_classes, cfg.data.mean, cfg.data.std, translator,
+                                   feature_stride=stride))
+    heads = {PROJECTION_HEAD: (head, tap)}
+    return Method(objectives=objectives, heads=heads, uses_teacher=True, uses_target=not t2s.domain_generalisation)
