@@ -163,7 +163,7 @@ class T2SDAConfig:
     temperature: float = 0.2
     loss: Literal["infonce", "mse"] = "infonce"
     proj_dim: int = 256
-    feature: str = "enc_last"  # enc_last | encN | decoder
+    feature: str = "enc_last"  # projector input tap: enc_last | encN | enc_fused | decoder
     proj_final_act: bool = True
     fda_beta: float = 0.01
     fda_window: Literal["official", "paper"] = "official"

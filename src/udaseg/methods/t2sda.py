@@ -15,6 +15,9 @@ Building blocks, each usable on its own:
   (DENPS), class-weighted as in Eq. 5.
 - :func:`feature_resolution_targets` - labels, pseudo-labels and confidences brought down to the
   projector's resolution.
+- :class:`T2SDAPulling` - the objective that runs all of it inside the shared training step
+  (:mod:`udaseg.adapt.step`), and the ``t2sda`` method builder: DACS/DAFormer self-training plus
+  the pulling loss, or source-only training plus the pulling loss for domain generalisation.
 
 Shapes: ``B`` images, ``d`` projection channels, ``h x w`` feature resolution, ``C`` classes,
 labels are trainIds with 255 = ignore.
