@@ -1,0 +1,183 @@
+"""Time per training iteration and peak memory of each method's step, as ratios measured in one run.
+
+    python benchmarks/iteration.py                       # CPU, small size, every base method
+    python benchmarks/iteration.py --write docs/BENCHMARKS.md
+    python benchmarks/iteration.py --device cuda --setting paper --modes eager bf16 compile
+
+Each (method, mode) is measured in its own subprocess (so peak memory is its own), in interleaved
+rounds, and the median over rounds is reported. Data come from an in-memory synthetic dataset so
+that the step, not image decoding, is measured. Ratios are relative to source-only in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SETTINGS = {
+    # name: (model, crop, batch, extra)
+    "cpu-small": {"daformer": ("daformer_tiny", 128, 2), "deeplabv2": ("deeplabv2_tiny", 128, 2)},
+    "paper": {"daformer": ("daformer_mitb5", 640, 2), "deeplabv2": ("deeplabv2_r101_v1c", 512, 2)},
+}
+METHODS = ["source_only", "dacs", "daformer"]
+MARKER = "iteration"
+
+
+def _register_synthetic_dataset() -> None:
+    from torch.utils.data import Dataset
+
+    from udaseg.data import register_dataset
+    from udaseg.data.labels import CITYSCAPES_CLASSES
+
+    @register_dataset("synthetic")
+    class SyntheticDataset(Dataset):
+        """Random images with blocky labels, generated once and kept in memory."""
+
+        def __init__(self, cfg, mean, std):
+            size = cfg.crop_size or [128, 128]
+            count = int(cfg.options.get("count", 8))
+            gen = torch.Generator().manual_seed(0)
+            self.images = torch.randn(count, 3, *size, generator=gen)
+            blocks = torch.randint(0, 19, (count, 1, size[0] // 32 + 1, size[1] // 32 + 1), generator=gen)
+            labels = torch.nn.functional.interpolate(blocks.float(), scale_factor=32, mode="nearest")
+            self.labels = labels[:, 0, : size[0], : size[1]].long()
+            self.labelled = cfg.labelled
+            self.classes = CITYSCAPES_CLASSES
+
+        def __len__(self):
+            return len(self.images)
+
+        def __getitem__(self, index):
+            item = {"image": self.images[index], "name": str(index), "index": index}
+            if self.labelled:
+                item["label"] = self.labels[index]
+            return item
+
+
+def _config(method: str, family: str, setting: str, mode: str, device: str, work_dir: Path):
+    from udaseg.config import load_config
+
+    model, crop, batch = SETTINGS[setting][family]
+    preset = {"source_only": f"source_only_{family}_gta2cs" if family == "deeplabv2" else
+              "source_only_daformer_mitb5_gta2cs", "dacs": "dacs_deeplabv2_gta2cs",
+              "daformer": "daformer_mitb5_gta2cs"}[method]
+    cfg = load_config(preset, [
+        f"model.name={model}", "model.pretrained=", f"data.batch_size={batch}", "data.workers=0",
+        f"train.work_dir={work_dir}", "train.iterations=1000000", "train.eval_interval=1000000",
+        "train.checkpoint_interval=1000000", f"train.device={device}",
+        f"train.amp={'bf16' if mode in ('bf16', 'compile') else 'none'}", f"train.compile={mode == 'compile'}",
+        f"train.channels_last={mode != 'eager' and family == 'deeplabv2'}",
+    ])
+    for spec in (cfg.data.source, cfg.data.target):
+        spec.name, spec.crop_size, spec.resize, spec.rcs.enabled = "synthetic", [crop, crop], None, False
+    cfg.data.val = []
+    return cfg
+
+
+def measure(method: str, family: str, setting: str, mode: str, device: str, iterations: int, warmup: int) -> dict:
+    """Run in a subprocess: the median time of ``iterations`` steps after ``warmup`` and peak memory."""
+    import tempfile
+
+    _register_synthetic_dataset()
+    from udaseg.engine.trainer import Trainer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(_config(method, family, setting, mode, device, Path(tmp)), progress=False)
+        dev = trainer.device
+        times = []
+        for it in range(warmup + iterations):
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            trainer.train_iteration(it)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            if it >= warmup:
+                times.append(time.perf_counter() - start)
+        if dev.type == "cuda":
+            peak = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux -> MiB
+    return {"time": statistics.median(times), "peak_mib": peak}
+
+
+def _run_child(args: list[str]) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "child failed")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--setting", choices=sorted(SETTINGS), default="cpu-small")
+    parser.add_argument("--families", nargs="+", default=["daformer", "deeplabv2"])
+    parser.add_argument("--methods", nargs="+", default=METHODS)
+    parser.add_argument("--modes", nargs="+", default=["eager", "bf16"], choices=["eager", "bf16", "compile"])
+    parser.add_argument("--iterations", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--write", help="markdown file whose 'iteration' section is replaced")
+    parser.add_argument("--child", nargs=7, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        method, family, setting, mode, device, iterations, warmup = args.child
+        print(json.dumps(measure(method, family, setting, mode, device, int(iterations), int(warmup))))
+        return 0
+
+    results: dict[tuple, list[dict]] = {}
+    jobs = [(f, m, mode) for f in args.families for mode in args.modes for m in args.methods]
+    for round_index in range(args.rounds):
+        for family, method, mode in jobs:
+            print(f"round {round_index + 1}/{args.rounds}: {family} {method} {mode}", file=sys.stderr, flush=True)
+            results.setdefault((family, method, mode), []).append(_run_child(
+                [method, family, args.setting, mode, args.device, str(args.iterations), str(args.warmup)]))
+    table = format_table(results, args)
+    print(table)
+    if args.write:
+        from udaseg.bench import write_section
+
+        write_section(Path(args.write), MARKER, table)
+    return 0
+
+
+def format_table(results: dict, args) -> str:
+    machine = (torch.cuda.get_device_name() if args.device.startswith("cuda") and torch.cuda.is_available()
+               else f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, shared")
+    memory = "peak CUDA memory allocated" if args.device.startswith("cuda") else "peak process RSS"
+    lines = [
+        "## Training iteration cost",
+        "",
+        f"`python benchmarks/iteration.py --device {args.device} --setting {args.setting} --modes {' '.join(args.modes)}"
+        f" --iterations {args.iterations} --rounds {args.rounds}` on {machine}, torch {torch.__version__}. "
+        f"Median seconds per iteration over {args.rounds} interleaved rounds of {args.iterations} iterations "
+        f"(after {args.warmup} warm-up iterations), each (method, mode) in its own process; {memory}. "
+        "Ratios are against source-only with the same model and mode in the same run.",
+        "",
+        "| model | mode | method | s / iter | × source-only | peak MiB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (family, method, mode), runs in results.items():
+        model, crop, batch = SETTINGS[args.setting][family]
+        t = statistics.median(r["time"] for r in runs)
+        base = statistics.median(r["time"] for r in results[(family, "source_only", mode)]) \
+            if (family, "source_only", mode) in results else float("nan")
+        peak = max(r["peak_mib"] for r in runs)
+        lines.append(f"| {model} {batch}×{crop}² | {mode} | {method} | {t:.3f} | {t / base:.2f} | {peak:.0f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
