@@ -139,7 +139,9 @@ def markdown(rows: List[Dict], args: argparse.Namespace, machine: str) -> str:
     if args.device == "cpu":
         lines += ["", "On CPU the peak is the process's resident set size (interpreter and PyTorch included); "
                   "absolute CPU times depend on the load of a shared machine, compare the ratios. "
-                  "\"vs eager\" > 1 means faster than eager."]
+                  "\"vs eager\" > 1 means faster than eager. \"first iter\" of `compile` includes the compilation. "
+                  "The paper-size networks (DeepLab-V2 R101 at 2×512², DAFormer/SegFormer MiT-B5 at 2×640²) "
+                  "are measured with `--device cuda` on a GPU."]
     return "\n".join(lines) + "\n"
 
 
