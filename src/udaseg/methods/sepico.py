@@ -14,8 +14,9 @@ statistics, L_reg without a minus sign, exp of the mean negative logit in BankCL
 ``docs/methods/sepico.md``.
 
 The file holds, in order: the loss modules, ``sepico_pixel_loss`` (one domain's contrastive term from
-a feature map, a label map and the statistics), class-balanced cropping (Alg. 1) and the
-Cityscapes -> Dark Zurich helpers (day/night pseudo-label fusion, class re-weighting).
+a feature map, a label map and the statistics), class-balanced cropping (Alg. 1), the
+Cityscapes -> Dark Zurich helpers (day/night pseudo-label fusion, class re-weighting) and the
+objectives that plug all of it into the shared training step (``build_sepico``, method ``sepico``).
 """
 
 from __future__ import annotations
@@ -28,8 +29,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from udaseg.adapt.downsample import downscale_label_ratio
+from udaseg.adapt.pseudo_label import confidence_ratio, pseudo_labels, pseudo_weight_map
 from udaseg.adapt.stats import OnlineClassStatistics
+from udaseg.adapt.step import Need, Objective, StepContext
+from udaseg.config.schema import Config, SelfTrainingConfig, SePiCoConfig
 from udaseg.errors import UserError
+from udaseg.methods import Method, register_method
+from udaseg.methods.dacs import PSEUDO, PseudoLabelSelfTraining, strong_view, teacher_pseudo_labels
 
 IGNORE_INDEX = 255
 
@@ -515,3 +521,336 @@ def fuse_day_night(
     day_weight = day_weight * is_static.view(1, -1, 1, 1)
     fused = day_weight * p_day + (1.0 - day_weight) * p_night
     return fused if class_weights is None else reweight_probabilities(fused, class_weights)
+
+
+class ClassPriorReweighting(nn.Module):
+    """Test-time class re-weighting of the official Dark Zurich evaluation (s = 0.16).
+
+    Wraps a segmentor: the logits are upsampled bilinearly to the input size, turned into a
+    softmax and multiplied by the class weights v (``dark_zurich_class_weights(0.16)``). The output's
+    ``logits`` are these re-weighted probabilities (B x K x H x W at the input size), so resizing
+    them to the label size and taking the argmax is exactly the official prediction. Use it for
+    argmax-based evaluation and prediction only (the scores are not logits).
+
+    Example::
+
+        >>> from udaseg.models import build_model
+        >>> model = ClassPriorReweighting(build_model("daformer_tiny", 19), dark_zurich_class_weights(0.16))
+        >>> model(torch.randn(1, 3, 32, 32)).logits.shape
+        torch.Size([1, 19, 32, 32])
+    """
+
+    def __init__(self, segmentor: nn.Module, class_weights: Tensor) -> None:
+        super().__init__()
+        self.segmentor = segmentor
+        self.register_buffer("class_weights", class_weights.detach().clone().float(), persistent=False)
+
+    def forward(self, x: Tensor, taps: Sequence[str] = ()):
+        from udaseg.models.segmentor import SegmentorOutput
+
+        out = self.segmentor(x, taps=taps)
+        logits = out.logits.float()
+        if tuple(logits.shape[-2:]) != tuple(x.shape[-2:]):
+            logits = F.interpolate(logits, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)
+        scores = reweight_probabilities(torch.softmax(logits, dim=1), self.class_weights)
+        return SegmentorOutput(logits=scores, features=dict(out.features))
+
+
+# ==========================================================================  objectives (training step)
+# Per iteration, in the official order (spec sepico.md §1.0):
+#   TargetCropping      teacher on the full weak target -> pseudo-label -> CBC box per image -> crop
+#                       'target' (and the Dark Zurich day image); the pseudo-labels are predicted again
+#                       on the crop (regen_pseudo)
+#   StrongAugmentedView 'source_strong' = colour jitter / blur of the weak source (shared flags)
+#   SupervisedSegmentation on 'source_strong'                                  (group 1: source)
+#   SePiCoContrast      statistics from the teacher's projection of the weak source (every iteration);
+#                       from warmup_iters on: CL + L_reg on 'source_strong' (group 1) and on
+#                       'target_strong' (group 2: strong cropped target, pseudo-labels)
+#   PseudoLabelSelfTraining  ClassMix of weak source and weak cropped target     (group 3: mixed)
+PROJECTION_HEAD = "proj_head"
+SOURCE_STRONG_VIEW = "source_strong"
+TARGET_STRONG_VIEW = "target_strong"
+DAY_VIEW = "target_day"
+DAY_IMAGE_KEY = "day_image"
+CROP_BOXES = "sepico_crop_boxes"
+
+
+class StrongAugmentedView(Objective):
+    """Adds ``out_view``: colour jitter / blur of ``in_view`` with its labels (no losses).
+
+    The on/off flags are the iteration's shared ones (``udaseg.methods.dacs.strong_view``).
+    """
+
+    name = "strong_view"
+
+    def __init__(self, self_training: SelfTrainingConfig, mean: Sequence[float], std: Sequence[float],
+                 in_view: str = "source", out_view: str = SOURCE_STRONG_VIEW) -> None:
+        super().__init__()
+        self.self_training = self_training
+        self.mean, self.std = list(mean), list(std)
+        self.in_view, self.out_view = in_view, out_view
+
+    def prepare(self, ctx: StepContext, batch: dict) -> None:
+        source = ctx.view(self.in_view)
+        image = strong_view(ctx, self.self_training, source.image, self.mean, self.std)
+        ctx.add_view(self.out_view, image, source.label, source.weight)
+
+
+class TargetCropping(Objective):
+    """Class-balanced cropping of the target inside the step (SePiCo Alg. 1 with ``regen_pseudo``).
+
+    ``prepare``: the teacher predicts the full weak target (B x 3 x H x W, uncropped by the data
+    pipeline); for each image a ``crop_size`` box is chosen by :func:`class_balanced_crop_box` on the
+    argmax pseudo-label; the 'target' view is replaced by the crops, which drops the cached teacher
+    output, so the pseudo-labels used afterwards (``teacher_pseudo_labels``) are predicted again on the
+    crop. The boxes are kept in ``ctx.state["sepico_crop_boxes"]``.
+
+    With ``dark=True`` (Cityscapes -> Dark Zurich, spec §1.11) the pseudo-label is the day/night fusion
+    (:func:`fuse_day_night`, with ``class_weights``) of the teacher on the night image and on the
+    paired day image (the target batch's ``day_image``), on the full images for the box and again on
+    the crops for training; the fused result is stored as the iteration's target pseudo-labels.
+
+    ``crop_size=None``, or an image no larger than the crop, means no crop (and no second pass).
+    """
+
+    name = "target_cropping"
+
+    def __init__(self, cfg: SePiCoConfig, self_training: SelfTrainingConfig, crop_size: Optional[Sequence[int]],
+                 class_weights: Optional[Tensor] = None, target_view: str = "target") -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.self_training = self_training
+        self.crop_size = tuple(int(v) for v in crop_size) if crop_size else None
+        self.target_view = target_view
+        self.register_buffer("class_weights", class_weights, persistent=False)
+
+    def needs(self, iteration: int) -> list[Need]:
+        needs = [Need("teacher", self.target_view)]
+        if self.cfg.dark:
+            needs.append(Need("teacher", DAY_VIEW))
+        return needs
+
+    def prepare(self, ctx: StepContext, batch: dict) -> None:
+        if self.cfg.dark:
+            self._add_day_view(ctx, batch)
+        target = ctx.view(self.target_view)
+        size = self._effective_crop(target.image.shape[-2:])
+        if size is not None:
+            full = self._pseudo_labels(ctx)
+            if self.cfg.class_balanced_crop:
+                boxes = class_balanced_crop_boxes(full["labels"], size, self.cfg.crop_candidates,
+                                                  self.cfg.crop_cat_max_ratio, ctx.generator)
+            else:
+                boxes = [random_crop_box(target.image.shape[-2:], size, ctx.generator) for _ in full["labels"]]
+            ctx.add_view(self.target_view, crop_batch(target.image, boxes))
+            if self.cfg.dark:
+                ctx.add_view(DAY_VIEW, crop_batch(ctx.view(DAY_VIEW).image, boxes))
+            ctx.state[CROP_BOXES] = boxes
+        if self.cfg.dark:
+            self._pseudo_labels(ctx)  # the fused labels of the crop become the iteration's pseudo-labels
+
+    def _effective_crop(self, image_size: Sequence[int]) -> Optional[tuple[int, int]]:
+        if self.crop_size is None:
+            return None
+        size = (min(self.crop_size[0], int(image_size[0])), min(self.crop_size[1], int(image_size[1])))
+        return None if size == tuple(int(v) for v in image_size) else size
+
+    def _add_day_view(self, ctx: StepContext, batch: dict) -> None:
+        item = batch.get(self.target_view, {})
+        if DAY_IMAGE_KEY not in item:
+            raise UserError("method.sepico.dark=true needs the paired day images: set "
+                            "data.target.options.paired_day=true (dataset darkzurich, split train, night)")
+        ctx.add_view(DAY_VIEW, item[DAY_IMAGE_KEY])
+
+    def _pseudo_labels(self, ctx: StepContext) -> dict:
+        if not self.cfg.dark:
+            return teacher_pseudo_labels(ctx, self.self_training, self.target_view)
+        return fused_day_night_pseudo_labels(ctx, self.self_training, self.class_weights, self.target_view)
+
+
+def fused_day_night_pseudo_labels(ctx: StepContext, self_training: SelfTrainingConfig,
+                                  class_weights: Optional[Tensor], target_view: str = "target",
+                                  day_view: str = DAY_VIEW) -> dict:
+    """Dark Zurich pseudo-labels: argmax of the fused, class-weighted day/night teacher softmax.
+
+    Stored in ``ctx.state`` exactly like ``teacher_pseudo_labels`` stores its result, so the
+    self-training objective and the target contrastive term use the fused labels and confidence
+    ratio (``max P >= pseudo_threshold``) of the current target view.
+    """
+    image = ctx.view(target_view).image
+    size = tuple(image.shape[-2:])
+    night = pseudo_labels(ctx.teacher(target_view).logits, size).probs
+    day = pseudo_labels(ctx.teacher(day_view).logits, size).probs
+    fused = fuse_day_night(day, night, class_weights)
+    confidence, labels = fused.max(dim=1)
+    ratio = confidence_ratio(confidence, self_training.pseudo_threshold)
+    weight = pseudo_weight_map(ratio, labels.shape, self_training.ignore_top, self_training.ignore_bottom)
+    result = {"view": target_view, "image": image, "probs": fused, "labels": labels, "confidence": confidence,
+              "ratio": ratio, "weight": weight}
+    ctx.state[PSEUDO] = result
+    ctx.metrics["pseudo_ratio"] = float(ratio)
+    return result
+
+
+class SePiCoContrast(Objective):
+    """SePiCo's contrastive terms and the class statistics they use (kept in ``self.stats``).
+
+    ``prepare`` (every iteration, before any student loss): the teacher's projection of the weak
+    source view, with its labels brought to the feature grid by the 75%-majority rule, updates
+    ``stats`` (an :class:`OnlineClassStatistics`, saved with the objective). From ``warmup_iters`` on
+    it also adds the 'target_strong' view: the strongly augmented (cropped) weak target, labelled
+    with the teacher's pseudo-labels where their weight is > 0 and 255 elsewhere.
+
+    ``losses``: from ``warmup_iters`` on, ``sepico_cl = weight * (l_cl + reg_weight * L_reg)`` on the
+    student's projection of 'source_strong' (its group, shared with the source CE: one forward) and
+    of 'target_strong'. Before warm-up the student's projection head is not run at all.
+    """
+
+    name = "sepico"
+
+    def __init__(self, cfg: SePiCoConfig, self_training: SelfTrainingConfig, num_classes: int,
+                 mean: Sequence[float], std: Sequence[float], head: str = PROJECTION_HEAD,
+                 source_view: str = "source", target_view: str = "target") -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.self_training = self_training
+        self.mean, self.std = list(mean), list(std)
+        self.head = head
+        self.source_view, self.target_view = source_view, target_view
+        bank_size = cfg.bank_size if cfg.variant == "bank" else 0
+        self.stats = OnlineClassStatistics(num_classes, cfg.proj_dim, cfg.covariance, bank_size)
+
+    def active(self, iteration: int) -> bool:
+        return iteration >= self.cfg.warmup_iters
+
+    def needs(self, iteration: int) -> list[Need]:
+        needs = [Need("teacher", self.source_view, heads=(self.head,))]
+        if self.active(iteration):
+            if self.cfg.source_loss:
+                needs.append(Need("student", SOURCE_STRONG_VIEW, heads=(self.head,)))
+            if self.cfg.target_loss:
+                needs.append(Need("student", TARGET_STRONG_VIEW, heads=(self.head,)))
+        return needs
+
+    def prepare(self, ctx: StepContext, batch: dict) -> None:
+        self.update_statistics(ctx)
+        if self.active(ctx.iteration) and self.cfg.target_loss:
+            pseudo = teacher_pseudo_labels(ctx, self.self_training, self.target_view)
+            labels = pseudo["labels"].clone()
+            labels[pseudo["weight"] == 0] = IGNORE_INDEX
+            image = strong_view(ctx, self.self_training, ctx.view(self.target_view).image, self.mean, self.std)
+            ctx.add_view(TARGET_STRONG_VIEW, image, labels)
+
+    @torch.no_grad()
+    def update_statistics(self, ctx: StepContext) -> None:
+        source = ctx.view(self.source_view)
+        if source.label is None:
+            raise RuntimeError(f"view '{self.source_view}' has no labels")
+        features = ctx.teacher(self.source_view).projections[self.head]
+        small = _downscale_labels(source.label.long(), features.shape[-2:], self.cfg.label_min_ratio,
+                                  self.stats.num_classes)
+        queries, labels = flatten_valid(features.float(), small.to(features.device))
+        self.stats.update(queries, labels)
+
+    def losses(self, ctx: StepContext, group: str) -> dict[str, Tensor]:
+        if not self.active(ctx.iteration):
+            return {}
+        if group == SOURCE_STRONG_VIEW and self.cfg.source_loss:
+            return {"sepico_cl": self._domain_loss(ctx, group, "source")}
+        if group == TARGET_STRONG_VIEW and self.cfg.target_loss:
+            return {"sepico_cl": self._domain_loss(ctx, group, "target")}
+        return {}
+
+    def _domain_loss(self, ctx: StepContext, view: str, domain: str) -> Tensor:
+        cfg = self.cfg
+        features = ctx.student(view).projections[self.head]
+        loss, metrics = sepico_pixel_loss(features, ctx.view(view).label, self.stats, cfg.variant, cfg.temperature,
+                                          cfg.weight, cfg.reg_weight, cfg.label_min_ratio, cfg.bank_negatives)
+        for key, value in metrics.items():
+            ctx.metrics[f"sepico.{domain}_{key}"] = float(value)
+        return loss
+
+
+def projection_tap(cfg: SePiCoConfig, segmentor: nn.Module) -> str:
+    """The encoder tap of the projection head: ``auto`` is layer 4 for ResNets, the fusion for MiT."""
+    if cfg.feature != "auto":
+        return cfg.feature
+    from udaseg.models.backbones.resnet import ResNet
+
+    return "enc4" if isinstance(segmentor.backbone, ResNet) else "enc_fused"
+
+
+def sepico_projection_head(cfg: SePiCoConfig, segmentor: nn.Module) -> tuple[nn.Module, str]:
+    """``(SePiCoProjectionHead, tap)``: hidden width C_in, or C_in / #stages on ``enc_fused``."""
+    from udaseg.models.heads.projection import SePiCoProjectionHead
+
+    tap = projection_tap(cfg, segmentor)
+    if tap == "proj":
+        raise UserError("method.sepico.feature cannot be 'proj'")
+    try:
+        channels = segmentor.tap_channels(tap)
+    except ValueError as error:
+        raise UserError(f"method.sepico.feature: {error}") from None
+    hidden = channels // len(segmentor.backbone.out_channels) if tap == "enc_fused" else channels
+    return SePiCoProjectionHead(channels, hidden, cfg.proj_dim), tap
+
+
+def _check_config(cfg: SePiCoConfig, self_training: SelfTrainingConfig, num_classes: int) -> None:
+    checks = [
+        (cfg.temperature > 0, "temperature", cfg.temperature, "must be > 0"),
+        (cfg.warmup_iters >= 0, "warmup_iters", cfg.warmup_iters, "must be >= 0"),
+        (cfg.proj_dim >= 1, "proj_dim", cfg.proj_dim, "must be >= 1"),
+        (cfg.bank_size >= 0, "bank_size", cfg.bank_size, "must be >= 0"),
+        (cfg.variant != "bank" or cfg.bank_size > 0, "bank_size", cfg.bank_size, "must be > 0 for variant bank"),
+        (0.0 < cfg.label_min_ratio <= 1.0, "label_min_ratio", cfg.label_min_ratio, "must lie in (0, 1]"),
+        (cfg.crop_candidates >= 1, "crop_candidates", cfg.crop_candidates, "must be >= 1"),
+        (0.0 < cfg.crop_cat_max_ratio <= 1.0, "crop_cat_max_ratio", cfg.crop_cat_max_ratio, "must lie in (0, 1]"),
+        (cfg.target_crop_size is None or (len(cfg.target_crop_size) == 2 and min(cfg.target_crop_size) > 0),
+         "target_crop_size", cfg.target_crop_size, "must be two positive ints [h, w]"),
+        (not cfg.dark or num_classes == 19, "dark", cfg.dark, f"needs the 19 Cityscapes classes, the model has {num_classes}"),
+        (cfg.dark_train_scale >= 0, "dark_train_scale", cfg.dark_train_scale, "must be >= 0"),
+    ]
+    for ok, key, value, why in checks:
+        if not ok:
+            raise UserError(f"method.sepico.{key}={value!r} {why}")
+    if self_training.mix != "class":
+        raise UserError("method sepico trains on ClassMix images; method.self_training.mix must be 'class'")
+    if self_training.feature_distance.enabled:
+        raise UserError("method sepico does not use the ImageNet feature distance; set "
+                        "method.self_training.feature_distance.enabled=false")
+
+
+def _check_crop(name: str, size: Optional[Sequence[int]], stride: int, tap: str) -> None:
+    if size and (size[0] % stride or size[1] % stride):
+        raise UserError(f"{name}={list(size)} is not a multiple of the stride {stride} of the projection "
+                        f"input (method.sepico.feature={tap!r})")
+
+
+@register_method("sepico")
+def build_sepico(cfg: Config, segmentor: nn.Module) -> Method:
+    """SePiCo on DAFormer-style self-training (the official order, spec sepico.md §1.0)."""
+    from udaseg.methods.base import SupervisedSegmentation
+
+    sep, self_training = cfg.method.sepico, cfg.method.self_training
+    num_classes = cfg.model.num_classes
+    _check_config(sep, self_training, num_classes)
+    head, tap = sepico_projection_head(sep, segmentor)
+    stride = segmentor.tap_stride(tap)
+    source_crop = cfg.data.source.crop_size
+    target_crop = sep.target_crop_size or source_crop
+    if sep.target_crop_size and source_crop and list(sep.target_crop_size) != list(source_crop):
+        raise UserError(f"method.sepico.target_crop_size={sep.target_crop_size} must equal "
+                        f"data.source.crop_size={source_crop} (ClassMix pastes source onto target crops)")
+    _check_crop("data.source.crop_size", source_crop, stride, tap)
+    _check_crop("method.sepico.target_crop_size", target_crop, stride, tap)
+    class_weights = dark_zurich_class_weights(sep.dark_train_scale) if sep.dark else None
+    mean, std = cfg.data.mean, cfg.data.std
+    objectives: list[Objective] = [
+        TargetCropping(sep, self_training, target_crop, class_weights),
+        StrongAugmentedView(self_training, mean, std, "source", SOURCE_STRONG_VIEW),
+        SupervisedSegmentation(SOURCE_STRONG_VIEW, class_weight=class_weights),
+        SePiCoContrast(sep, self_training, num_classes, mean, std),
+        PseudoLabelSelfTraining(self_training, mean, std, class_weight=class_weights),
+    ]
+    return Method(objectives=objectives, heads={PROJECTION_HEAD: (head, tap)}, uses_teacher=True,
+                  uses_target=True)
