@@ -193,20 +193,24 @@ class Trainer:
             return self._evaluate_all(teacher_too)
 
     def _evaluate_all(self, teacher_too: bool) -> dict:
+        """Evaluate on every ``data.val`` entry. The headline ``miou`` is the student's on the first one;
+        per-set results are under ``'<model>/<dataset>:<split>'`` (``#<n>`` added when a set repeats)."""
         summary: dict = {}
         models = [("student", self.model.segmentor)]
         if teacher_too and self.teacher is not None:
             models.append(("teacher", self.teacher.module.segmentor))
         for who, segmentor in models:
-            for spec, dataset in self.val_sets:
-                names = list(dataset.classes.names)
+            for position, (spec, dataset) in enumerate(self.val_sets):
                 result = evaluate(segmentor, dataset, self.cfg.eval, self.cfg.model.num_classes, self.device,
-                                  names, progress=self.progress, desc=f"eval {spec.name}")
-                tag = f"{who}/{spec.name}"
+                                  list(dataset.classes.names), progress=self.progress, desc=f"eval {spec.name}")
+                tag = f"{who}/{spec.name}:{spec.split}"
+                if tag in summary:
+                    tag = f"{tag}#{position}"
                 self.logger.log(self.iteration, "eval", {"model": who, "dataset": spec.name, "split": spec.split,
-                                                         "miou": result["miou"], "iou": result["iou"]})
+                                                         "set": tag.split("/", 1)[1], "miou": result["miou"],
+                                                         "iou": result["iou"]})
                 if who == "student" and "miou" not in summary:
-                    summary = {"miou": result["miou"], "dataset": spec.name, "iteration": self.iteration}
+                    summary.update(miou=result["miou"], dataset=spec.name, iteration=self.iteration)
                 summary[tag] = result
         self.history.append(summary)
         return summary
