@@ -400,6 +400,12 @@ def test_test_time_reweighting_matches_the_official_rule():
             expected[0, y, x] = max(range(19), key=lambda k: float(probs[0, k, y, x]) * float(weights[k]))
     assert scores.shape == (1, 19, 32, 48)
     assert torch.equal(scores.argmax(1), expected)
+    # through the shared inference path: re-weighted probabilities resized to the label size
+    from udaseg.models.inference import predict_logits
+
+    resized = predict_logits(ClassPriorReweighting(segmentor, weights), image, out_size=(64, 96))
+    official = F.interpolate(probs * weights.view(1, -1, 1, 1), size=(64, 96), mode="bilinear", align_corners=False)
+    assert torch.equal(resized.argmax(1), official.argmax(1))
 
 
 @pytest.mark.parametrize("override, message", [
