@@ -23,10 +23,10 @@ class TinySegmentor(nn.Module):
         self.decode_head = nn.Conv2d(4, classes, 1)
         self.calls = 0
 
-    def forward(self, x, taps=()):
+    def forward(self, x, taps=(), decode=True):
         self.calls += 1
         f = torch.relu(self.backbone(x))
-        return _Out(self.decode_head(f), {t: f for t in taps})
+        return _Out(self.decode_head(f) if decode else None, {t: f for t in taps})
 
 
 class CE(Objective):
@@ -113,3 +113,23 @@ def test_mmseg_cross_entropy_averages_over_all_pixels():
     labels = torch.tensor([[[0, 255], [255, 255]]])
     # one valid pixel with CE ln 2, three ignored pixels add 0, mean over 4 pixels
     assert segmentation_cross_entropy(logits, labels).item() == pytest.approx(torch.log(torch.tensor(2.0)).item() / 4)
+
+
+class EncoderOnly(Objective):
+    def needs(self, iteration):
+        return [Need("student", "target", taps=("enc_last",), logits=False)]
+
+    def losses(self, ctx, group):
+        if group != "target":
+            return {}
+        return {"feat": ctx.student("target").features["enc_last"].mean()}
+
+
+def test_encoder_only_needs_skip_the_decode_head_unless_another_objective_wants_logits():
+    model = UDAModel(TinySegmentor())
+    step = TrainStep(model, None, [EncoderOnly()], 3)
+    step.run(_batch(), 0, torch.Generator())
+    assert model.segmentor.decode_head.weight.grad is None and model.segmentor.backbone.weight.grad is not None
+    step = TrainStep(model, None, [EncoderOnly(), CE("target")], 3)
+    result = step.run(_batch(), 0, torch.Generator())
+    assert set(result.losses) == {"target.feat", "target.ce"} and model.segmentor.calls == 2

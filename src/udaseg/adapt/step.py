@@ -37,11 +37,12 @@ class Need:
     view: str
     taps: tuple[str, ...] = ()
     heads: tuple[str, ...] = ()
+    logits: bool = True  # False: encoder features are enough, the decode head may be skipped
 
 
 @dataclass
 class ModelOutput:
-    logits: Tensor
+    logits: Optional[Tensor]
     features: dict[str, Tensor] = field(default_factory=dict)
     projections: dict[str, Tensor] = field(default_factory=dict)
 
@@ -62,9 +63,10 @@ class UDAModel(nn.Module):
             self.heads[name] = module
             self.head_taps[name] = tap
 
-    def forward(self, x: Tensor, taps: Sequence[str] = (), heads: Sequence[str] = ()) -> ModelOutput:
+    def forward(self, x: Tensor, taps: Sequence[str] = (), heads: Sequence[str] = (),
+                decode: bool = True) -> ModelOutput:
         all_taps = tuple(dict.fromkeys(list(taps) + [self.head_taps[h] for h in heads]))
-        out = self.segmentor(x, taps=all_taps)
+        out = self.segmentor(x, taps=all_taps, decode=decode)
         projections = {h: self.heads[h](out.features[self.head_taps[h]]) for h in heads}
         return ModelOutput(out.logits, dict(out.features), projections)
 
@@ -92,11 +94,12 @@ class StepContext:
         self.views: dict[str, View] = {}
         self.state: dict[str, object] = {}  # values objectives share within the iteration
         self.metrics: dict[str, float] = {}
-        self._requests: dict[tuple[str, str], tuple[set, set]] = {}
+        self._requests: dict[tuple[str, str], tuple[set, set, list]] = {}
         for need in needs:
-            taps, heads = self._requests.setdefault((need.model, need.view), (set(), set()))
+            taps, heads, decode = self._requests.setdefault((need.model, need.view), (set(), set(), [False]))
             taps.update(need.taps)
             heads.update(need.heads)
+            decode[0] = decode[0] or need.logits
         self._cache: dict[tuple[str, str], ModelOutput] = {}
 
     @property
@@ -123,15 +126,15 @@ class StepContext:
         model = self.student_model if model_name == "student" else self.teacher_model
         if model is None:
             raise RuntimeError(f"an objective needs the {model_name}, but this method has none")
-        taps, heads = self._requests.get(key, (set(), set()))
+        taps, heads, decode = self._requests.get(key, (set(), set(), [True]))
         image = self.view(view_name).image
         if self.channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
         grad = torch.enable_grad() if model_name == "student" else torch.no_grad()
         with grad, _autocast(image.device, self.autocast):
-            out = model(image, taps=tuple(sorted(taps)), heads=tuple(sorted(heads)))
+            out = model(image, taps=tuple(sorted(taps)), heads=tuple(sorted(heads)), decode=decode[0])
         out = ModelOutput(
-            out.logits.float(),
+            out.logits.float() if out.logits is not None else None,
             {k: v.float() for k, v in out.features.items()},
             {k: v.float() for k, v in out.projections.items()},
         )

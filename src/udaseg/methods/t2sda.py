@@ -579,7 +579,8 @@ class T2SDAPulling(Objective):
     name = "t2sda"
 
     def __init__(self, cfg: T2SDAConfig, self_training_cfg: SelfTrainingConfig, num_classes: int,
-                 mean: Sequence[float], std: Sequence[float], translator: Optional["Translator"] = None, source_view: str = "source", target_view: str = "target",
+                 mean: Sequence[float], std: Sequence[float], translator: Optional["Translator"] = None,
+                 source_view: str = "source", target_view: str = "target",
                  head: str = PROJECTION_HEAD, feature_stride: Optional[int] = None):
         super().__init__()
         self.feature_stride = feature_stride
@@ -618,8 +619,10 @@ class T2SDAPulling(Objective):
         return self.uses_target and self.cfg.loss == "infonce" and self.cfg.target_negatives
 
     def needs(self, iteration: int) -> list[Need]:
-        needs = [Need("student", PSEUDO_TARGET_VIEW, heads=(self.head,)),
-                 Need("teacher", self.source_view, heads=(self.head,))]
+        # Queries and keys are encoder-side projections: these forwards skip the decode head unless
+        # the CE-on-pseudo-target ablation (or another objective) asks for logits on the same view.
+        needs = [Need("student", PSEUDO_TARGET_VIEW, heads=(self.head,), logits=self.cfg.source_ce_on_pseudo_target),
+                 Need("teacher", self.source_view, heads=(self.head,), logits=False)]
         if self.uses_target:
             heads = (self.head,) if self.target_keys_used else ()
             needs.append(Need("teacher", self.target_view, heads=heads))

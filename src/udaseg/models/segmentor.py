@@ -114,16 +114,21 @@ class Segmentor(nn.Module):
         self.proj_input = input_tap
 
     # ------------------------------------------------------------------------------------- forward
-    def forward(self, x: Tensor, taps: Sequence[str] = ()) -> SegmentorOutput:
-        """``x: B×3×H×W`` -> :class:`SegmentorOutput` with ``logits: B×K×ceil(H/s)×ceil(W/s)``."""
+    def forward(self, x: Tensor, taps: Sequence[str] = (), decode: bool = True) -> SegmentorOutput:
+        """``x: B×3×H×W`` -> :class:`SegmentorOutput` with ``logits: B×K×ceil(H/s)×ceil(W/s)``.
+
+        ``decode=False`` runs the encoder only (``logits`` is then ``None``) unless the ``decoder``
+        tap is requested: objectives that read encoder features alone skip the decode head.
+        """
         if isinstance(taps, str):
             taps = (taps,)
         for tap in taps:
             self._check_tap(tap)
         stages = self.backbone(x)
-        decoded = self.decode_head.forward_features(stages)
-        logits = self.decode_head.classify(decoded)
         wanted = set(taps)
+        needs_decoder = decode or "decoder" in wanted or (PROJECTION_TAP in wanted and self.proj_input == "decoder")
+        decoded = self.decode_head.forward_features(stages) if needs_decoder else None
+        logits = self.decode_head.classify(decoded) if decode else None
         if PROJECTION_TAP in wanted:
             wanted.add(self.proj_input)
         features: Dict[str, Tensor] = {}
