@@ -515,7 +515,9 @@ def _provenance(domain: str, total_digits: int, photos: Sequence[np.ndarray]) ->
     return splits
 
 
-def build_domain(domain: str, seed: int = 0, root: Optional[Path] = None, size: BenchmarkSize = BenchmarkSize()) -> Path:
+def build_domain(
+    domain: str, seed: int = 0, root: Optional[Path] = None, size: BenchmarkSize = BenchmarkSize()
+) -> Path:
     """Generate both splits of a domain and write them (and the manifest, last) into the cache."""
     _check_domain_split(domain)
     directory = cache_dir(seed, root, size)
@@ -553,7 +555,9 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_manifest(domain: str, seed: int = 0, root: Optional[Path] = None, size: BenchmarkSize = BenchmarkSize()) -> dict[str, Any]:
+def read_manifest(
+    domain: str, seed: int = 0, root: Optional[Path] = None, size: BenchmarkSize = BenchmarkSize()
+) -> dict[str, Any]:
     """The manifest of a cached domain (building the domain first if needed)."""
     load_split(domain, "train", seed, root, size)
     return json.loads(_manifest_path(cache_dir(seed, root, size), domain).read_text())
@@ -659,9 +663,10 @@ class DigitsDataset(torch.utils.data.Dataset):
         self.split = cfg.split
         self.labelled = cfg.labelled
         self.classes = DIGITS_CLASSES
-        self.root = cache_dir(self.seed, Path(cfg.root).expanduser() if cfg.root else None, self.size)
+        cache_root = Path(cfg.root).expanduser() if cfg.root else None
+        self.root = cache_dir(self.seed, cache_root, self.size)
         self.pipeline = Pipeline.from_config(cfg, mean, std)
-        data = load_split(cfg.name, cfg.split, self.seed, Path(cfg.root).expanduser() if cfg.root else None, self.size)
+        data = load_split(cfg.name, cfg.split, self.seed, cache_root, self.size)
         self.images = data.images
         self.labels = data.labels
 

@@ -724,12 +724,12 @@ class SePiCoContrast(Objective):
         return iteration >= self.cfg.warmup_iters
 
     def needs(self, iteration: int) -> list[Need]:
-        needs = [Need("teacher", self.source_view, heads=(self.head,))]
+        needs = [Need("teacher", self.source_view, heads=(self.head,), logits=False)]
         if self.active(iteration):
             if self.cfg.source_loss:
                 needs.append(Need("student", SOURCE_STRONG_VIEW, heads=(self.head,)))
             if self.cfg.target_loss:
-                needs.append(Need("student", TARGET_STRONG_VIEW, heads=(self.head,)))
+                needs.append(Need("student", TARGET_STRONG_VIEW, heads=(self.head,), logits=False))
         return needs
 
     def prepare(self, ctx: StepContext, batch: dict) -> None:
