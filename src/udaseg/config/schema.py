@@ -202,6 +202,8 @@ class EvalConfig:
     flip: bool = False
     protocol: Literal["19", "16", "13", "all"] = "all"  # class subset the mIoU averages over
     batch_windows: int = 8
+    # Dark Zurich test-time class re-weighting of SePiCo's official code (s = 0.16); None: off.
+    class_prior_scale: Optional[float] = None
 
 
 @dataclass

@@ -189,7 +189,9 @@ def predict(args: argparse.Namespace) -> int:
 
     check_writable(out)
     device = dist.local_device(cfg.train.device)
-    segmentor.to(device).eval()
+    from udaseg.evaluation.evaluator import inference_model
+
+    segmentor = inference_model(segmentor.to(device).eval(), cfg.eval, cfg.model.num_classes)
     palette = _palette(cfg)
     root = Path(args.input) if Path(args.input).is_dir() else Path(args.input).parent
     for path in tqdm(files, desc="predict", dynamic_ncols=True):

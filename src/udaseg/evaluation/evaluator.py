@@ -33,11 +33,25 @@ def protocol_classes(protocol: str, num_classes: int) -> Optional[list[int]]:
     return classes
 
 
+def inference_model(segmentor: nn.Module, cfg: EvalConfig, num_classes: int) -> nn.Module:
+    """The segmentor as evaluated: wrapped with the class-prior re-weighting when configured."""
+    if cfg.class_prior_scale is None:
+        return segmentor
+    from udaseg.errors import UserError
+    from udaseg.methods.sepico import ClassPriorReweighting, dark_zurich_class_weights
+
+    if num_classes != 19:
+        raise UserError(f"eval.class_prior_scale needs the 19 Cityscapes classes, the model has {num_classes}")
+    weights = dark_zurich_class_weights(cfg.class_prior_scale)
+    return ClassPriorReweighting(segmentor, weights).to(next(segmentor.parameters()).device)
+
+
 @torch.no_grad()
 def evaluate(segmentor: nn.Module, dataset, cfg: EvalConfig, num_classes: int, device: torch.device,
              class_names: Optional[Sequence[str]] = None, progress: bool = True, desc: str = "eval") -> dict:
     was_training = segmentor.training
     segmentor.eval()
+    model = inference_model(segmentor, cfg, num_classes)
     matrix = ConfusionMatrix(num_classes, device=device)
     rank, world = dist.rank(), dist.world_size()
     indices = range(rank, len(dataset), world)
@@ -46,7 +60,7 @@ def evaluate(segmentor: nn.Module, dataset, cfg: EvalConfig, num_classes: int, d
         item = dataset[index]
         image = item["image"].unsqueeze(0).to(device)
         label = item["label"].to(device)
-        logits = predict_logits(segmentor, image, mode=cfg.mode, crop_size=cfg.crop_size, stride=cfg.stride,
+        logits = predict_logits(model, image, mode=cfg.mode, crop_size=cfg.crop_size, stride=cfg.stride,
                                 flip=cfg.flip, out_size=tuple(label.shape[-2:]), batch_windows=cfg.batch_windows)
         matrix.update(logits.argmax(1), label.unsqueeze(0))
     dist.all_reduce_sum(matrix.matrix)
