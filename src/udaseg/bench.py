@@ -30,26 +30,26 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.suite != "digits":
         raise UserError(f"unknown benchmark suite '{args.suite}'; available: digits")
     from udaseg.demo import demo_config
-    from udaseg.experiments import run_experiment
 
     methods = args.methods or available_methods()
     unknown = [m for m in methods if m not in list_presets()]
     if unknown:
         raise UserError(f"no preset named {unknown[0]!r}; digits presets: {', '.join(available_methods())}")
     out = Path(args.out)
-    scores: dict[tuple[str, str], list[float]] = {}
-    start = time.time()
-    total = len(args.domains) * len(methods) * len(args.seeds)
-    done = 0
+    jobs = []
     for domain in args.domains:
         for preset in methods:
             for seed in args.seeds:
-                done += 1
-                probe = demo_config(preset, domain, out / domain, f"{preset}-s{seed}",
-                                    args.iterations or _preset_iterations(preset), seed, args.data_root)
-                print(f"[{done}/{total}] {domain} {preset} seed {seed}", flush=True)
-                result = run_experiment(probe, progress=True)
-                scores.setdefault((domain, preset), []).append(_student_miou(result))
+                cfg = demo_config(preset, domain, out / domain, f"{preset}-s{seed}",
+                                  args.iterations or _preset_iterations(preset), seed, args.data_root,
+                                  getattr(args, "digits_size", None))
+                jobs.append((domain, preset, cfg))
+    scores: dict[tuple[str, str], list[float]] = {}
+    start = time.time()
+    for done, (domain, preset, result) in enumerate(_run_all(jobs, args.jobs), start=1):
+        miou = _student_miou(result)
+        scores.setdefault((domain, preset), []).append(miou)
+        print(f"[{done}/{len(jobs)}] {domain} {preset} seed {result['seed']}: mIoU {100 * miou:.1f}", flush=True)
     table = format_table(scores, args.domains, methods, args.seeds, args.iterations)
     print(table)
     if args.report:
@@ -57,6 +57,34 @@ def run_bench(args: argparse.Namespace) -> int:
                       f"(finished runs are reused, so this is not the cost of the whole table).\n")
         print(f"table written to {args.report}")
     return 0
+
+
+def _run_one(job: tuple) -> tuple:
+    import torch
+
+    from udaseg.experiments import run_experiment
+
+    domain, preset, cfg, threads = job
+    if threads:
+        torch.set_num_threads(threads)
+    return domain, preset, run_experiment(cfg, progress=False)
+
+
+def _run_all(jobs: list[tuple], parallel: int):
+    """Yield (domain, preset, result) as runs finish; ``parallel`` runs at a time in worker processes."""
+    if parallel <= 1:
+        from udaseg.experiments import run_experiment
+
+        for domain, preset, cfg in jobs:
+            yield domain, preset, run_experiment(cfg, progress=True)
+        return
+    import multiprocessing
+    import os
+
+    threads = max(1, (os.cpu_count() or 1) // parallel)
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(parallel, maxtasksperchild=1) as pool:
+        yield from pool.imap_unordered(_run_one, [(d, p, c, threads) for d, p, c in jobs])
 
 
 def _preset_iterations(preset: str) -> int:

@@ -66,6 +66,8 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--domain", default="digits-photo", help="target domain: digits-photo | digits-night")
     p.add_argument("--method", default=None, help="adaptation preset to compare against source-only")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--iterations", type=int, default=None, help="training budget per run (overrides --quick)")
+    p.add_argument("--digits-size", type=int, nargs=2, metavar=("TRAIN", "VAL"), help=argparse.SUPPRESS)
 
 
 def _add_bench(p: argparse.ArgumentParser) -> None:
@@ -77,6 +79,8 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/bench", help="folder for the runs and results")
     p.add_argument("--report", default="docs/BENCHMARKS.md", help="markdown file to update")
     p.add_argument("--data-root", help="where the digits benchmark is cached")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at the same time (worker processes)")
+    p.add_argument("--digits-size", type=int, nargs=2, metavar=("TRAIN", "VAL"), help=argparse.SUPPRESS)
 
 
 def _add_analyze(p: argparse.ArgumentParser) -> None:

@@ -16,7 +16,7 @@ import argparse
 import html
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -32,7 +32,8 @@ SAMPLES = 6
 
 
 def demo_config(preset: str, domain: str, out: Path, run_name: str, iterations: int, seed: int,
-                data_root: Optional[str]) -> Config:
+                data_root: Optional[str], digits_size: Optional[Sequence[int]] = None) -> Config:
+    """A digits preset set up for one demo/benchmark run (target domain, budget, seed, folders)."""
     cfg = load_config(preset)
     cfg.train.iterations = iterations
     cfg.train.seed = seed
@@ -44,8 +45,12 @@ def demo_config(preset: str, domain: str, out: Path, run_name: str, iterations: 
         if spec is not None:
             spec.name = domain
     for spec in [cfg.data.source, cfg.data.target, *cfg.data.val]:
-        if spec is not None and data_root:
+        if spec is None:
+            continue
+        if data_root:
             spec.root = data_root
+        if digits_size:
+            spec.options.update(train_size=int(digits_size[0]), val_size=int(digits_size[1]))
     return cfg
 
 
@@ -73,7 +78,8 @@ def run_demo(args: argparse.Namespace) -> int:
     presets = {"source_only": "digits_source_only", "adapted": f"digits_{method}"}
     results, configs = {}, {}
     for index, (run_name, preset) in enumerate(presets.items(), start=1):
-        cfg = demo_config(preset, args.domain, out, run_name, iterations, args.seed, args.data_root)
+        cfg = demo_config(preset, args.domain, out, run_name, iterations, args.seed, args.data_root,
+                          getattr(args, "digits_size", None))
         configs[run_name] = cfg
         print(f"[{index}/{len(presets)}] training {run_name} ({preset}, {iterations} iterations, "
               f"target {args.domain})", flush=True)

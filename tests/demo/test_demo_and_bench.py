@@ -1,0 +1,52 @@
+"""The demo and the digits benchmark, shortened: every report file, the table, resumability."""
+
+import json
+
+import pytest
+
+from udaseg.cli import main
+
+TINY = ["--digits-size", "24", "6"]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("digits-cache"))
+
+
+def test_short_demo_writes_every_report_file(data_root, tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--iterations", "3", "--out", str(out), "--data-root", data_root, *TINY]) == 0
+    for name in ("predictions.png", "per_class_iou.png", "training_curves.png", "index.md", "index.html",
+                 "results.json"):
+        assert (out / name).stat().st_size > 0, name
+    printed = capsys.readouterr().out
+    assert "source only" in printed and "gain" in printed and "mIoU" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["classes"]) == 11 and len(results["adapted"]["iou"]) == 11
+    assert "predictions.png" in (out / "index.html").read_text()
+
+
+def test_bench_writes_table_and_reuses_finished_runs(data_root, tmp_path, capsys):
+    report = tmp_path / "BENCHMARKS.md"
+    report.write_text("# Benchmarks\n\nkept text\n")
+    argv = ["bench", "digits", "--seeds", "0", "1", "--iterations", "2", "--domains", "digits-photo",
+            "--methods", "digits_source_only", "digits_target_oracle", "digits_dacs", "--out", str(tmp_path / "b"),
+            "--report", str(report), "--data-root", data_root, *TINY]
+    assert main(argv) == 0
+    text = report.read_text()
+    assert "kept text" in text and "<!-- digits_quality:start -->" in text
+    rows = [line for line in text.splitlines() if line.startswith("| dacs ")]
+    assert len(rows) == 1 and "±" in rows[0]
+    assert any(line.startswith("| source_only ") for line in text.splitlines())
+    assert any(line.startswith("| target_oracle ") for line in text.splitlines())
+    first = {p: p.stat().st_mtime_ns for p in (tmp_path / "b").rglob("result.json")}
+    assert len(first) == 6
+    capsys.readouterr()
+    assert main(argv) == 0  # every run is finished: nothing is trained again
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "b").rglob("result.json")} == first
+
+
+def test_bench_unknown_method_is_a_clear_error(capsys):
+    assert main(["bench", "digits", "--methods", "digits_dacss"]) == 2
+    assert "digits_dacss" in capsys.readouterr().err
