@@ -42,3 +42,7 @@ def test_yaml_file_with_base(tmp_path):
 def test_missing_config_file(tmp_path):
     with pytest.raises(UserError, match="config file not found"):
         load_config(str(tmp_path / "nope.yaml"))
+
+
+def test_exponent_without_dot_is_a_float():
+    assert load_config(None, ["optim.lr=3e-3"]).optim.lr == 0.003

@@ -59,10 +59,16 @@ def teacher_pseudo_labels(ctx: StepContext, cfg: SelfTrainingConfig, view: str =
         return cached
     image = ctx.view(view).image
     probs, labels, confidence = pseudo_labels(ctx.teacher(view).logits, tuple(image.shape[-2:]))
+    return store_pseudo_labels(ctx, cfg, view, probs, labels, confidence)
+
+
+def store_pseudo_labels(ctx: StepContext, cfg: SelfTrainingConfig, view: str, probs: Tensor, labels: Tensor,
+                        confidence: Tensor) -> dict:
+    """Add the confidence ratio and weight map to pseudo-labels of ``view`` and share them in ``ctx.state``."""
     ratio = confidence_ratio(confidence, cfg.pseudo_threshold)
     weight = pseudo_weight_map(ratio, labels.shape, cfg.ignore_top, cfg.ignore_bottom)
-    result = {"view": view, "image": image, "probs": probs, "labels": labels, "confidence": confidence,
-              "ratio": ratio, "weight": weight}
+    result = {"view": view, "image": ctx.view(view).image, "probs": probs, "labels": labels,
+              "confidence": confidence, "ratio": ratio, "weight": weight}
     ctx.state[PSEUDO] = result
     ctx.metrics["pseudo_ratio"] = float(ratio)
     return result

@@ -29,13 +29,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from udaseg.adapt.downsample import downscale_label_ratio
-from udaseg.adapt.pseudo_label import confidence_ratio, pseudo_labels, pseudo_weight_map
+from udaseg.adapt.pseudo_label import pseudo_labels
 from udaseg.adapt.stats import OnlineClassStatistics
 from udaseg.adapt.step import Need, Objective, StepContext
 from udaseg.config.schema import Config, SelfTrainingConfig, SePiCoConfig
 from udaseg.errors import UserError
 from udaseg.methods import Method, register_method
-from udaseg.methods.dacs import PSEUDO, PseudoLabelSelfTraining, strong_view, teacher_pseudo_labels
+from udaseg.methods.dacs import PseudoLabelSelfTraining, store_pseudo_labels, strong_view, teacher_pseudo_labels
 
 IGNORE_INDEX = 255
 
@@ -677,19 +677,12 @@ def fused_day_night_pseudo_labels(ctx: StepContext, self_training: SelfTrainingC
     self-training objective and the target contrastive term use the fused labels and confidence
     ratio (``max P >= pseudo_threshold``) of the current target view.
     """
-    image = ctx.view(target_view).image
-    size = tuple(image.shape[-2:])
+    size = tuple(ctx.view(target_view).image.shape[-2:])
     night = pseudo_labels(ctx.teacher(target_view).logits, size).probs
     day = pseudo_labels(ctx.teacher(day_view).logits, size).probs
     fused = fuse_day_night(day, night, class_weights)
     confidence, labels = fused.max(dim=1)
-    ratio = confidence_ratio(confidence, self_training.pseudo_threshold)
-    weight = pseudo_weight_map(ratio, labels.shape, self_training.ignore_top, self_training.ignore_bottom)
-    result = {"view": target_view, "image": image, "probs": fused, "labels": labels, "confidence": confidence,
-              "ratio": ratio, "weight": weight}
-    ctx.state[PSEUDO] = result
-    ctx.metrics["pseudo_ratio"] = float(ratio)
-    return result
+    return store_pseudo_labels(ctx, self_training, target_view, fused, labels, confidence)
 
 
 class SePiCoContrast(Objective):

@@ -472,17 +472,8 @@ def feature_resolution_targets(source_labels: Tensor, target_probs: Tensor, sour
     size, then max/argmax give confidence and pseudo-labels; the unreliable mask comes from
     :func:`unreliable_target_mask`.
     """
-    if label_downsample == "ratio":
-        height, width = source_labels.shape[-2:]
-        scale = height // source_size[0]
-        if scale < 1 or height // scale != source_size[0] or width // scale != source_size[1]:
-            raise ValueError(f"labels {(height, width)} are not an integer multiple of the features {source_size}")
-        labels_ds = downscale_label_ratio(source_labels, scale, min_ratio, num_classes, ignore_index=IGNORE_INDEX)
-    elif label_downsample == "nearest":
-        labels_ds = downscale_label_nearest(source_labels, size=source_size)
-    else:
-        raise UserError(f"t2sda.label_downsample: unknown value {label_downsample!r} (choose 'ratio' or 'nearest')")
-    labels_ds = labels_ds.reshape(source_labels.shape[0], *source_size).long()
+    labels_ds = source_labels_at_feature_resolution(source_labels, source_size, num_classes, label_downsample,
+                                                    min_ratio)
     probs_ds = F.interpolate(target_probs.detach().float(), size=target_size, mode="area")
     confidence, pseudo = probs_ds.max(dim=1)
     return FeatureTargets(labels_ds, pseudo, confidence, unreliable_target_mask(confidence, quantile, per_image))
@@ -510,8 +501,8 @@ PROJECTION_HEAD = "proj_head"
 def source_labels_at_feature_resolution(labels: Tensor, feature_size: tuple[int, int], num_classes: int,
                                         label_downsample: Literal["ratio", "nearest"] = "ratio",
                                         min_ratio: float = 0.75) -> Tensor:
-    """Source labels ``B x H x W`` brought down to ``feature_size`` (``h, w``), as in
-    :func:`feature_resolution_targets` but without target statistics (the DG setting)."""
+    """Source labels ``B x H x W`` brought down to ``feature_size`` (``h, w``) by the 75%-majority rule
+    (``"ratio"``) or nearest neighbour."""
     if label_downsample == "ratio":
         height, width = labels.shape[-2:]
         scale = height // feature_size[0]
