@@ -41,7 +41,7 @@ def fake_domains(tmp_path_factory):
 def tiny_config(preset, source: Path, target: Path, work_dir: Path, iterations: int = 2, model: str = "daformer_tiny",
                 extra=()):
     cfg = load_config(preset, [
-        f"model.name={model}", "model.num_classes=3", "model.pretrained=", f"train.iterations={iterations}",
+        f"model.name={model}", "model.num_classes=3", "model.pretrained=", "model.options={}", f"train.iterations={iterations}",
         f"train.work_dir={work_dir}", "train.eval_interval=1000", "train.checkpoint_interval=1000",
         "train.log_interval=1", "data.batch_size=2", "data.workers=0", "optim.warmup_iters=1", "eval.protocol=all",
         "method.self_training.ignore_top=0", "method.self_training.ignore_bottom=0", *extra,

@@ -102,7 +102,7 @@ def preset_config(preset, domains, work_dir, iterations=2, extra=()):
     dark = "cs2dz" in preset
     model = "deeplabv2_tiny" if "deeplabv2" in preset else "daformer_tiny"
     cfg = load_config(preset, [
-        f"model.name={model}", f"model.num_classes={19 if dark else 3}", "model.pretrained=",
+        f"model.name={model}", f"model.num_classes={19 if dark else 3}", "model.pretrained=", "model.options={}",
         f"train.iterations={iterations}", f"train.work_dir={work_dir}", "train.eval_interval=1000",
         "train.checkpoint_interval=1000", "train.log_interval=1", "data.batch_size=2", "data.workers=0",
         "data.val=[]", "optim.warmup_iters=1", "method.sepico.warmup_iters=1", "method.sepico.proj_dim=16",
@@ -181,7 +181,7 @@ def test_resume_restores_statistics_and_queues_exactly(domains, tmp_path):
 def step_config(preset="sepico_distcl_daformer_gta2cs", extra=()):
     model = "deeplabv2_tiny" if "deeplabv2" in preset else "daformer_tiny"
     return load_config(preset, [
-        f"model.name={model}", "model.num_classes=3", "model.pretrained=", f"data.source.crop_size=[{CROP}, {CROP}]",
+        f"model.name={model}", "model.num_classes=3", "model.pretrained=", "model.options={}", f"data.source.crop_size=[{CROP}, {CROP}]",
         f"method.sepico.target_crop_size=[{CROP}, {CROP}]", "method.sepico.warmup_iters=1",
         "method.sepico.proj_dim=16", "method.self_training.ignore_top=0", "method.self_training.ignore_bottom=0",
         *extra,

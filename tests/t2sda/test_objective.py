@@ -69,7 +69,7 @@ def tiny_config(preset, domains, work_dir, iterations=2, extra=(), size=32):
     if model == "daformer_tiny" and size == 32 and load_config(preset).method.t2sda.feature == "enc_last":
         extra = ["method.t2sda.feature=enc2", *extra]
     cfg = load_config(preset, [
-        f"model.name={model}", "model.num_classes=3", "model.pretrained=", f"train.iterations={iterations}",
+        f"model.name={model}", "model.num_classes=3", "model.pretrained=", "model.options={}", f"train.iterations={iterations}",
         f"train.work_dir={work_dir}", "train.eval_interval=1000", "train.checkpoint_interval=1000",
         "train.log_interval=1", "data.batch_size=2", "data.workers=0", "optim.warmup_iters=1", "eval.protocol=all",
         "method.self_training.ignore_top=0", "method.self_training.ignore_bottom=0", "method.t2sda.proj_dim=16",
@@ -298,7 +298,7 @@ def test_pull_loss_wiring_matches_a_plain_computation():
 
 def test_dg_method_has_no_target_and_reports_skipped_translations(capsys):
     cfg = load_config("t2sda_dg_daformer_mitb5_gta", ["model.name=daformer_tiny", "model.num_classes=3",
-                                                       "model.pretrained=", "method.t2sda.proj_dim=8"])
+                                                       "model.pretrained=", "model.options={}", "method.t2sda.proj_dim=8"])
     method = build_method(cfg, build_model("daformer_tiny", 3))
     assert not method.uses_target and method.uses_teacher
     assert not any(isinstance(o, PseudoLabelSelfTraining) for o in method.objectives)
@@ -312,7 +312,7 @@ def test_dg_method_has_no_target_and_reports_skipped_translations(capsys):
 
 def test_dg_with_reference_folder_uses_fda(domains):
     cfg = load_config("t2sda_dg_daformer_mitb5_gta", [
-        "model.name=daformer_tiny", "model.num_classes=3", "model.pretrained=", "method.t2sda.dg_translations=[fda]",
+        "model.name=daformer_tiny", "model.num_classes=3", "model.pretrained=", "model.options={}", "method.t2sda.dg_translations=[fda]",
         f"method.t2sda.dg_reference_dir={domains['target'] / 'images' / 'train'}"])
     pulling = build_method(cfg, build_model("daformer_tiny", 3)).objectives[-1]
     assert type(pulling.translator.translators[0]).__name__ == "FDATranslator"
@@ -328,7 +328,7 @@ def test_dg_with_reference_folder_uses_fda(domains):
 def test_bad_settings_raise_user_errors(override, message):
     extra = ["method.t2sda.domain_generalisation=true"] if "dg_" in override else []
     cfg = load_config("t2sda_daformer_gta2cs", ["model.name=daformer_tiny", "model.num_classes=3",
-                                                "model.pretrained=", override, *extra])
+                                                "model.pretrained=", "model.options={}", override, *extra])
     with pytest.raises(UserError, match=message):
         build_method(cfg, build_model("daformer_tiny", 3))
 

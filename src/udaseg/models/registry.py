@@ -115,9 +115,17 @@ def _projection_defaults(kind: str, input_tap: str, model: Segmentor, options: D
 
 
 # ------------------------------------------------------------------------------------ DeepLab-V2
+# Output stride -> (stage strides, stage dilations) of the dilated ResNet.
+_RESNET_LAYOUTS = {8: ((1, 2, 1, 1), (1, 1, 2, 4)), 4: ((1, 1, 1, 1), (1, 2, 4, 8))}
+
+
 def _deeplabv2(num_classes: int, depth: int, stem: str, base_width: int = 64, frozen_bn: bool = False,
-               freeze_bn_affine: bool = False) -> Segmentor:
-    backbone = ResNet(depth, stem=stem, base_width=base_width, frozen_bn=frozen_bn, freeze_bn_affine=freeze_bn_affine)
+               freeze_bn_affine: bool = False, output_stride: int = 8) -> Segmentor:
+    if output_stride not in _RESNET_LAYOUTS:
+        raise UserError(f"output_stride must be one of {sorted(_RESNET_LAYOUTS)}, got {output_stride}")
+    strides, dilations = _RESNET_LAYOUTS[output_stride]
+    backbone = ResNet(depth, stem=stem, base_width=base_width, frozen_bn=frozen_bn, freeze_bn_affine=freeze_bn_affine,
+                      strides=strides, dilations=dilations)
     head = DeepLabV2Head(backbone.out_channels, num_classes, backbone.out_strides)
     return Segmentor(backbone, head)
 
@@ -143,8 +151,12 @@ def deeplabv2_r18(num_classes: int, frozen_bn: bool = False, freeze_bn_affine: b
 
 
 @register_model("deeplabv2_tiny")
-def deeplabv2_tiny(num_classes: int, frozen_bn: bool = False, freeze_bn_affine: bool = False) -> Segmentor:
-    return _deeplabv2(num_classes, 18, "v1c", base_width=8, frozen_bn=frozen_bn, freeze_bn_affine=freeze_bn_affine)
+def deeplabv2_tiny(num_classes: int, frozen_bn: bool = False, freeze_bn_affine: bool = False, base_width: int = 8,
+                   output_stride: int = 8) -> Segmentor:
+    """ResNet-18 layout of width ``base_width``; ``output_stride=4`` keeps layers 2-4 at stride 4
+    (dilations 2/4/8), which small images such as the digits benchmark need."""
+    return _deeplabv2(num_classes, 18, "v1c", base_width=base_width, frozen_bn=frozen_bn,
+                      freeze_bn_affine=freeze_bn_affine, output_stride=output_stride)
 
 
 # ------------------------------------------------------------------------------ MiT based models
