@@ -59,7 +59,8 @@ def train(args: argparse.Namespace) -> int:
 
     trainer = Trainer(cfg, resume=resume)
     if dist.is_main():
-        print(f"udaseg train: {cfg.name} ({cfg.method.name}, {cfg.model.name}) -> {cfg.train.work_dir}")
+        print(f"udaseg train: {cfg.name} ({cfg.method.name}, {cfg.model.name}) -> {cfg.train.work_dir}; "
+              f"effective config in {Path(cfg.train.work_dir) / 'config.yaml'}")
     summary = trainer.train()
     if dist.is_main() and summary:
         print(f"final student mIoU on {summary['dataset']}: {100 * summary['miou']:.2f}")
