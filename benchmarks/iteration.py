@@ -29,7 +29,7 @@ SETTINGS = {
     "cpu-small": {"daformer": ("daformer_tiny", 128, 2), "deeplabv2": ("deeplabv2_tiny", 128, 2)},
     "paper": {"daformer": ("daformer_mitb5", 640, 2), "deeplabv2": ("deeplabv2_r101_v1c", 512, 2)},
 }
-METHODS = ["source_only", "dacs", "daformer"]
+METHODS = ["source_only", "dacs", "daformer", "sepico_distcl", "sepico_bankcl", "t2sda"]
 MARKER = "iteration"
 
 
@@ -64,22 +64,34 @@ def _register_synthetic_dataset() -> None:
             return item
 
 
+PRESETS = {
+    "source_only": {"deeplabv2": "source_only_deeplabv2_gta2cs", "daformer": "source_only_daformer_mitb5_gta2cs"},
+    "dacs": {"deeplabv2": "dacs_deeplabv2_gta2cs", "daformer": "dacs_deeplabv2_gta2cs"},
+    "daformer": {"deeplabv2": "daformer_mitb5_gta2cs", "daformer": "daformer_mitb5_gta2cs"},
+    "sepico_distcl": {"deeplabv2": "sepico_distcl_deeplabv2_gta2cs", "daformer": "sepico_distcl_daformer_gta2cs"},
+    "sepico_bankcl": {"deeplabv2": "sepico_bankcl_deeplabv2_gta2cs", "daformer": "sepico_bankcl_daformer_gta2cs"},
+    "t2sda": {"deeplabv2": "t2sda_deeplabv2_gta2cs", "daformer": "t2sda_daformer_gta2cs"},
+}
+
+
 def _config(method: str, family: str, setting: str, mode: str, device: str, work_dir: Path):
+    """The method's GTA5 -> Cityscapes preset on another network size, with synthetic data."""
     from udaseg.config import load_config
 
     model, crop, batch = SETTINGS[setting][family]
-    preset = {"source_only": f"source_only_{family}_gta2cs" if family == "deeplabv2" else
-              "source_only_daformer_mitb5_gta2cs", "dacs": "dacs_deeplabv2_gta2cs",
-              "daformer": "daformer_mitb5_gta2cs"}[method]
-    cfg = load_config(preset, [
-        f"model.name={model}", "model.pretrained=", f"data.batch_size={batch}", "data.workers=0",
-        f"train.work_dir={work_dir}", "train.iterations=1000000", "train.eval_interval=1000000",
-        "train.checkpoint_interval=1000000", f"train.device={device}",
+    overrides = [
+        f"model.name={model}", "model.pretrained=", "model.options={}", f"data.batch_size={batch}",
+        "data.workers=0", f"train.work_dir={work_dir}", "train.iterations=1000000",
+        "train.eval_interval=1000000", "train.checkpoint_interval=1000000", f"train.device={device}",
         f"train.amp={'bf16' if mode in ('bf16', 'compile') else 'none'}", f"train.compile={mode == 'compile'}",
         f"train.channels_last={mode != 'eager' and family == 'deeplabv2'}",
-    ])
+    ]
+    if method.startswith("sepico"):  # contrastive terms on from the first iteration; target crop = source crop
+        overrides += ["method.sepico.warmup_iters=0", f"method.sepico.target_crop_size=[{crop},{crop}]"]
+    cfg = load_config(PRESETS[method][family], overrides)
     for spec in (cfg.data.source, cfg.data.target):
         spec.name, spec.crop_size, spec.resize, spec.rcs.enabled = "synthetic", [crop, crop], None, False
+        spec.options = {}
     cfg.data.val = []
     return cfg
 
@@ -153,6 +165,10 @@ def main() -> int:
     return 0
 
 
+def _median_time(results: dict, key: tuple) -> float:
+    return statistics.median(r["time"] for r in results[key]) if key in results else float("nan")
+
+
 def format_table(results: dict, args) -> str:
     machine = (torch.cuda.get_device_name() if args.device.startswith("cuda") and torch.cuda.is_available()
                else f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, shared")
@@ -164,18 +180,19 @@ def format_table(results: dict, args) -> str:
         f" --iterations {args.iterations} --rounds {args.rounds}` on {machine}, torch {torch.__version__}. "
         f"Median seconds per iteration over {args.rounds} interleaved rounds of {args.iterations} iterations "
         f"(after {args.warmup} warm-up iterations), each (method, mode) in its own process; {memory}. "
-        "Ratios are against source-only with the same model and mode in the same run.",
+        "Ratios are against source-only and against DACS with the same model and mode in the same run; the "
+        "SePiCo rows have the contrastive terms on (warm-up 0).",
         "",
-        "| model | mode | method | s / iter | × source-only | peak MiB |",
-        "|---|---|---|---|---|---|",
+        "| model | mode | method | s / iter | × source-only | × DACS | peak MiB |",
+        "|---|---|---|---|---|---|---|",
     ]
     for (family, method, mode), runs in results.items():
         model, crop, batch = SETTINGS[args.setting][family]
         t = statistics.median(r["time"] for r in runs)
-        base = statistics.median(r["time"] for r in results[(family, "source_only", mode)]) \
-            if (family, "source_only", mode) in results else float("nan")
+        base, dacs = (_median_time(results, (family, name, mode)) for name in ("source_only", "dacs"))
         peak = max(r["peak_mib"] for r in runs)
-        lines.append(f"| {model} {batch}×{crop}² | {mode} | {method} | {t:.3f} | {t / base:.2f} | {peak:.0f} |")
+        lines.append(f"| {model} {batch}×{crop}² | {mode} | {method} | {t:.3f} | {t / base:.2f} | {t / dacs:.2f} "
+                     f"| {peak:.0f} |")
     return "\n".join(lines)
 
 
