@@ -46,7 +46,16 @@ def run_bench(args: argparse.Namespace) -> int:
                 jobs.append((domain, preset, cfg))
     scores: dict[tuple[str, str], list[float]] = {}
     start = time.time()
-    for done, (domain, preset, result) in enumerate(_run_all(jobs, args.jobs), start=1):
+    if getattr(args, "collect", False):
+        from udaseg.experiments import stored_result
+
+        found = [(d, p, stored_result(c)) for d, p, c in jobs]
+        jobs_done = [(d, p, r) for d, p, r in found if r is not None]
+        print(f"collecting {len(jobs_done)} of {len(jobs)} finished runs (nothing is trained)")
+        runs = iter(jobs_done)
+    else:
+        runs = _run_all(jobs, args.jobs)
+    for done, (domain, preset, result) in enumerate(runs, start=1):
         miou = _student_miou(result)
         scores.setdefault((domain, preset), []).append(miou)
         print(f"[{done}/{len(jobs)}] {domain} {preset} seed {result['seed']}: mIoU {100 * miou:.1f}", flush=True)

@@ -25,7 +25,7 @@ from udaseg.config import load_config
 from udaseg.config.schema import Config
 from udaseg.errors import UserError
 
-DEFAULT_METHOD = "dacs"
+DEFAULT_METHOD = "sepico_distcl"
 FULL_ITERATIONS = 1200
 QUICK_ITERATIONS = 150
 SAMPLES = 6

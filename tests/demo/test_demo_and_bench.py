@@ -45,6 +45,9 @@ def test_bench_writes_table_and_reuses_finished_runs(data_root, tmp_path, capsys
     capsys.readouterr()
     assert main(argv) == 0  # every run is finished: nothing is trained again
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "b").rglob("result.json")} == first
+    collect = [a if a != "1" else "2" for a in argv] + ["--collect"]  # seed 2 has not run: left out
+    assert main(collect) == 0
+    assert "collecting 3 of 6 finished runs" in capsys.readouterr().out
 
 
 def test_bench_unknown_method_is_a_clear_error(capsys):
