@@ -124,7 +124,8 @@ def measure(method: str, family: str, setting: str, mode: str, device: str, iter
 
 
 def _run_child(args: list[str]) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True,
+    argv = args if args[0] == "--threads" else ["--child", *args]
+    out = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True,
                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if out.returncode != 0:
         raise RuntimeError(out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "child failed")
@@ -142,8 +143,11 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--write", help="markdown file whose 'iteration' section is replaced")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads per run (0: torch's default)")
     parser.add_argument("--child", nargs=7, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child:
         method, family, setting, mode, device, iterations, warmup = args.child
         print(json.dumps(measure(method, family, setting, mode, device, int(iterations), int(warmup))))
@@ -154,8 +158,10 @@ def main() -> int:
     for round_index in range(args.rounds):
         for family, method, mode in jobs:
             print(f"round {round_index + 1}/{args.rounds}: {family} {method} {mode}", file=sys.stderr, flush=True)
-            results.setdefault((family, method, mode), []).append(_run_child(
-                [method, family, args.setting, mode, args.device, str(args.iterations), str(args.warmup)]))
+            child = [method, family, args.setting, mode, args.device, str(args.iterations), str(args.warmup)]
+            if args.threads:
+                child = ["--threads", str(args.threads), "--child", *child]
+            results.setdefault((family, method, mode), []).append(_run_child(child))
     table = format_table(results, args)
     print(table)
     if args.write:
@@ -177,15 +183,22 @@ def format_table(results: dict, args) -> str:
         "## Training iteration cost",
         "",
         f"`python benchmarks/iteration.py --device {args.device} --setting {args.setting} --modes {' '.join(args.modes)}"
-        f" --iterations {args.iterations} --rounds {args.rounds}` on {machine}, torch {torch.__version__}. "
+        f" --iterations {args.iterations} --rounds {args.rounds}"
+        f"{f' --threads {args.threads}' if args.threads else ''}` on {machine}, torch {torch.__version__}. "
         f"Median seconds per iteration over {args.rounds} interleaved rounds of {args.iterations} iterations "
-        f"(after {args.warmup} warm-up iterations), each (method, mode) in its own process; {memory}. "
+        f"(after {args.warmup} warm-up iteration{'s' if args.warmup != 1 else ''}), each (method, mode) in its own "
+        f"process; {memory}. "
         "Ratios are against source-only and against DACS with the same model and mode in the same run; the "
         "SePiCo rows have the contrastive terms on (warm-up 0).",
         "",
         "| model | mode | method | s / iter | × source-only | × DACS | peak MiB |",
         "|---|---|---|---|---|---|---|",
     ]
+    if not args.device.startswith("cuda"):
+        lines.insert(4, "The papers' settings (DAFormer MiT-B5 2×640², DeepLab-V2 R101 2×512²; eager, bf16 and "
+                        "compiled) are measured with `--device cuda --setting paper --modes eager bf16 compile` "
+                        "on a GPU; no GPU was available for the figures below.")
+        lines.insert(5, "")
     for (family, method, mode), runs in results.items():
         model, crop, batch = SETTINGS[args.setting][family]
         t = statistics.median(r["time"] for r in runs)
