@@ -62,8 +62,14 @@ def run_bench(args: argparse.Namespace) -> int:
     table = format_table(scores, args.domains, methods, args.seeds, args.iterations)
     print(table)
     if args.report:
-        write_section(Path(args.report), MARKER, table + f"\n\nWall time of this invocation: {time.time() - start:.0f} s "
-                      f"(finished runs are reused, so this is not the cost of the whole table).\n")
+        command = "udaseg bench digits " + " ".join(
+            [f"--seeds {' '.join(map(str, args.seeds))}", f"--domains {' '.join(args.domains)}",
+             f"--methods {' '.join(methods)}"] + ([f"--iterations {args.iterations}"] if args.iterations else []))
+        footer = f"\n\nCommand: `{command}`."
+        if not getattr(args, "collect", False):
+            footer += (f" Wall time of this invocation: {time.time() - start:.0f} s (finished runs are reused, "
+                       "so this is not the cost of the whole table).")
+        write_section(Path(args.report), MARKER, table + footer + "\n")
         print(f"table written to {args.report}")
     return 0
 
@@ -134,7 +140,8 @@ def format_table(scores, domains, methods, seeds, iterations: Optional[int]) -> 
                 s, o = statistics.fmean(src), statistics.fmean(ora)
                 if o - s > 1e-9:
                     gap = f"{100 * (mean - s) / (o - s):.0f}%"
-            cells += [f"{100 * mean:.1f} ± {100 * std:.1f}", gap]
+            spread = f" ± {100 * std:.1f}" if len(values) > 1 else " (1 seed)"
+            cells += [f"{100 * mean:.1f}{spread}", gap]
         lines.append(f"| {preset.removeprefix('digits_')} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
