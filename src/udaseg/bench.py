@@ -45,6 +45,7 @@ def run_bench(args: argparse.Namespace) -> int:
                                   getattr(args, "digits_size", None))
                 jobs.append((domain, preset, cfg))
     scores: dict[tuple[str, str], list[float]] = {}
+    teacher_scores: dict[tuple[str, str], list[float]] = {}
     start = time.time()
     if getattr(args, "collect", False):
         from udaseg.experiments import stored_result
@@ -58,8 +59,11 @@ def run_bench(args: argparse.Namespace) -> int:
     for done, (domain, preset, result) in enumerate(runs, start=1):
         miou = _student_miou(result)
         scores.setdefault((domain, preset), []).append(miou)
+        teacher = _teacher_miou(result)
+        if teacher is not None:
+            teacher_scores.setdefault((domain, preset), []).append(teacher)
         print(f"[{done}/{len(jobs)}] {domain} {preset} seed {result['seed']}: mIoU {100 * miou:.1f}", flush=True)
-    table = format_table(scores, args.domains, methods, args.seeds, args.iterations)
+    table = format_table(scores, args.domains, methods, args.seeds, args.iterations, teacher_scores)
     print(table)
     if args.report:
         command = "udaseg bench digits " + " ".join(
@@ -113,16 +117,24 @@ def _student_miou(result: dict) -> float:
     return float(evaluation["miou"])
 
 
+def _teacher_miou(result: dict) -> Optional[float]:
+    """The final EMA teacher's mIoU on the first validation set, when the method has a teacher."""
+    teachers = [v["miou"] for k, v in result["evaluation"].items() if k.startswith("teacher/")]
+    return float(teachers[0]) if teachers else None
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     mean = statistics.fmean(values)
     std = statistics.stdev(values) if len(values) > 1 else 0.0
     return mean, std
 
 
-def format_table(scores, domains, methods, seeds, iterations: Optional[int]) -> str:
+def format_table(scores, domains, methods, seeds, iterations: Optional[int], teacher_scores=None) -> str:
+    teacher_scores = teacher_scores or {}
     budget = f"{iterations} iterations" if iterations else "each preset's iterations"
     lines = [f"Target validation mIoU (%) of the final student, mean ± std over seeds {list(seeds)}, {budget}. "
-             "Gap closed = (method − source only) / (oracle − source only).", ""]
+             "Gap closed = (method − source only) / (oracle − source only). In brackets: the final EMA teacher, "
+             "for the methods that have one (the student is the headline).", ""]
     header = "| method | " + " | ".join(f"{d} mIoU | {d} gap closed" for d in domains) + " |"
     lines += [header, "|---|" + "---|---|" * len(domains)]
     for preset in methods:
@@ -141,7 +153,9 @@ def format_table(scores, domains, methods, seeds, iterations: Optional[int]) -> 
                 if o - s > 1e-9:
                     gap = f"{100 * (mean - s) / (o - s):.0f}%"
             spread = f" ± {100 * std:.1f}" if len(values) > 1 else " (1 seed)"
-            cells += [f"{100 * mean:.1f}{spread}", gap]
+            teacher = teacher_scores.get((domain, preset))
+            extra = f" [teacher {100 * statistics.fmean(teacher):.1f}]" if teacher else ""
+            cells += [f"{100 * mean:.1f}{spread}{extra}", gap]
         lines.append(f"| {preset.removeprefix('digits_')} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
