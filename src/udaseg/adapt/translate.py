@@ -82,12 +82,7 @@ class FDATranslator(_UnitRangeTranslator):
     """
 
     def __init__(self, reference_dir: Union[str, Path], beta: float = 0.01, window: Window = "official"):
-        folder = Path(reference_dir)
-        if not str(reference_dir) or not folder.is_dir():
-            raise UserError(f"t2sda.dg_reference_dir: folder {str(reference_dir)!r} does not exist")
-        self.references = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        if not self.references:
-            raise UserError(f"t2sda.dg_reference_dir: no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
+        self.references = reference_images(reference_dir)
         if not 0 < beta < 0.5:
             raise UserError(f"t2sda.fda_beta: {beta} is out of range (expected 0 < beta < 0.5)")
         window_half_sizes(1, 1, beta, window)  # validates the window name
@@ -98,6 +93,17 @@ class FDATranslator(_UnitRangeTranslator):
         index = int(torch.randint(len(self.references), (1,), generator=generator))
         reference = _load_rgb(self.references[index], size=(x.shape[-2], x.shape[-1])).to(x.device)
         return fda_translate(x * 255, reference.unsqueeze(0), self.beta, self.window) / 255
+
+
+def reference_images(reference_dir: Union[str, Path]) -> list[Path]:
+    """The images under ``reference_dir`` (recursively, by suffix), sorted; a missing or empty folder is an error."""
+    folder = Path(reference_dir)
+    if not str(reference_dir) or not folder.is_dir():
+        raise UserError(f"t2sda.dg_reference_dir: folder {str(reference_dir)!r} does not exist")
+    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not images:
+        raise UserError(f"t2sda.dg_reference_dir: no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
+    return images
 
 
 def _load_rgb(path: Path, size: tuple[int, int]) -> Tensor:
@@ -330,11 +336,102 @@ class _NetworkTranslator:
             f"{self.name}: translation with network weights is not supported yet ({weights_path})")
 
 
-class AdaINTranslator(_NetworkTranslator):
-    """AdaIN style transfer with a random style reference (GtA kind C); needs VGG encoder/decoder weights."""
+# The AdaIN networks (Huang & Belongie, ICCV 2017) as nn.Sequential built from layer plans, so that
+# the parameter names are the module indices of the released `vgg_normalised.pth` / `decoder.pth`.
+# An int pair is a reflection-padded 3x3 conv (+ ReLU), "M" a 2x2 max-pool, "U" a 2x nearest upsample.
+_ADAIN_ENCODER_PLAN = [(3, 64), (64, 64), "M", (64, 128), (128, 128), "M", (128, 256), (256, 256), (256, 256),
+                       (256, 256), "M", (256, 512)]  # up to relu4_1
+_ADAIN_DECODER_PLAN = [(512, 256), "U", (256, 256), (256, 256), (256, 256), (256, 128), "U", (128, 128), (128, 64),
+                       "U", (64, 64), (64, 3)]
+ADAIN_WEIGHT_FILES = ("vgg_normalised.pth", "decoder.pth")
+
+
+def adain_encoder() -> torch.nn.Sequential:
+    """VGG-19 (normalised) up to relu4_1, preceded by the fixed 1x1 colour conv of the release."""
+    layers: list[torch.nn.Module] = [torch.nn.Conv2d(3, 3, 1)]
+    for item in _ADAIN_ENCODER_PLAN:
+        if item == "M":
+            layers.append(torch.nn.MaxPool2d(2, 2, ceil_mode=True))
+        else:
+            layers += [torch.nn.ReflectionPad2d(1), torch.nn.Conv2d(*item, 3), torch.nn.ReLU()]
+    return torch.nn.Sequential(*layers)
+
+
+def adain_decoder() -> torch.nn.Sequential:
+    """The mirror of the encoder; no ReLU after the last conv."""
+    layers: list[torch.nn.Module] = []
+    for item in _ADAIN_DECODER_PLAN:
+        if item == "U":
+            layers.append(torch.nn.Upsample(scale_factor=2, mode="nearest"))
+        else:
+            layers += [torch.nn.ReflectionPad2d(1), torch.nn.Conv2d(*item, 3), torch.nn.ReLU()]
+    return torch.nn.Sequential(*layers[:-1])
+
+
+def adaptive_instance_norm(content: Tensor, style: Tensor, eps: float = 1e-5) -> Tensor:
+    """AdaIN(x, y) = σ(y) (x − μ(x)) / σ(x) + μ(y), with per-sample, per-channel spatial statistics."""
+    def stats(x: Tensor) -> tuple[Tensor, Tensor]:
+        flat = x.flatten(2)
+        return flat.mean(-1)[..., None, None], (flat.var(-1, unbiased=True) + eps).sqrt()[..., None, None]
+
+    c_mean, c_std = stats(content)
+    s_mean, s_std = stats(style)
+    return (content - c_mean) / c_std * s_std + s_mean
+
+
+def _load_network(module: torch.nn.Module, path: Path, allow_extra: bool) -> None:
+    from udaseg.models.weights import read_state_dict
+
+    state = read_state_dict(path)
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    extra = [k for k in state if k not in own]
+    if missing or wrong or (extra and not allow_extra):
+        first = (missing or wrong or extra)[0]
+        raise UserError(f"t2sda.dg_weights: {path} does not hold the AdaIN network "
+                        f"({len(missing)} missing, {len(wrong)} mis-shaped, {len(extra)} unexpected keys; first: {first})")
+    module.load_state_dict({k: state[k] for k in own})
+
+
+class AdaINTranslator(_UnitRangeTranslator):
+    """AdaIN style transfer with a random style reference (GtA kind C).
+
+    ``weights_dir`` holds the released ``vgg_normalised.pth`` and ``decoder.pth``; style images are drawn
+    uniformly from ``reference_dir``. The output is ``decoder(α·AdaIN(f(x), f(s)) + (1 − α)·f(x))``.
+    Without weights (or style images) the translation is unavailable and the caller skips it.
+    """
 
     name = "adain"
-    network = "a VGG encoder and an AdaIN decoder"
+
+    def __init__(self, weights_dir: Union[str, Path, None] = None, reference_dir: Union[str, Path, None] = None,
+                 alpha: float = 1.0):
+        if not weights_dir:
+            raise TranslationUnavailable(f"adain needs weights ({' and '.join(ADAIN_WEIGHT_FILES)}); "
+                                         "set t2sda.dg_weights to the folder holding them")
+        folder = Path(weights_dir)
+        if not folder.is_dir():
+            raise UserError(f"t2sda.dg_weights: folder {str(weights_dir)!r} does not exist "
+                            f"(it should hold {' and '.join(ADAIN_WEIGHT_FILES)})")
+        if not reference_dir:
+            raise TranslationUnavailable("adain needs style images; set t2sda.dg_reference_dir")
+        self.styles = reference_images(reference_dir)
+        self.alpha = alpha
+        self.encoder, self.decoder = adain_encoder().eval(), adain_decoder().eval()
+        _load_network(self.encoder, folder / ADAIN_WEIGHT_FILES[0], allow_extra=True)  # release goes to relu5_4
+        _load_network(self.decoder, folder / ADAIN_WEIGHT_FILES[1], allow_extra=False)
+        for p in list(self.encoder.parameters()) + list(self.decoder.parameters()):
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def apply(self, x: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+        index = int(torch.randint(len(self.styles), (1,), generator=generator))
+        style = _load_rgb(self.styles[index], size=(x.shape[-2], x.shape[-1])).to(x.device).unsqueeze(0) / 255
+        self.encoder.to(x.device), self.decoder.to(x.device)
+        content = self.encoder(x)
+        mixed = adaptive_instance_norm(content, self.encoder(style))
+        out = self.decoder(self.alpha * mixed + (1 - self.alpha) * content)
+        return F.interpolate(out, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
 class StyleAugmentationTranslator(_NetworkTranslator):
@@ -396,9 +493,11 @@ def build_translations(names: Sequence[str], reference_dir: str = "", weights: s
         elif name == "style_stats":
             translators.append(StyleStatisticsTranslator())
         else:
-            network_class = AdaINTranslator if name == "adain" else StyleAugmentationTranslator
             try:
-                translators.append(network_class(weights or None))
+                if name == "adain":
+                    translators.append(AdaINTranslator(weights or None, reference_dir or None))
+                else:
+                    translators.append(StyleAugmentationTranslator(weights or None))
             except TranslationUnavailable as error:
                 skipped.append((name, f"skipped: {error}"))
     return translators, skipped
