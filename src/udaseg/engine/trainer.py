@@ -7,7 +7,7 @@ it, so N iterations straight give the same parameters as N/2, a restart, and N/2
 
 from __future__ import annotations
 
-import os
+import dataclasses
 import random
 import time
 from pathlib import Path
@@ -125,8 +125,7 @@ class Trainer:
         if self.method.target_labelled:
             if cfg.data.target is None:
                 raise UserError("method 'target_oracle' needs data.target (with labels)")
-            spec = cfg.data.target
-            spec.labelled = True
+            spec = dataclasses.replace(cfg.data.target, labelled=True)
             self.streams["target"] = DataStream(build_source_dataset(cfg, spec), stream=TARGET_STREAM, **common)
             return
         self.streams["source"] = DataStream(build_source_dataset(cfg, cfg.data.source), stream=SOURCE_STREAM,
