@@ -178,6 +178,9 @@ class Trainer:
         self.schedule.step(it)
         self.optimizer.zero_grad(set_to_none=True)
         batch = self._next_batch()
+        # Everything random in an iteration (dropout, drop-path, the step's draws) derives from
+        # (seed, iteration, rank): distinct per rank, identical after a resume.
+        torch.manual_seed(mix_seed(self.cfg.train.seed, it, dist.rank(), 1))
         generator = torch.Generator().manual_seed(mix_seed(self.cfg.train.seed, it, dist.rank()))
         result = self.step.run(batch, it, generator)
         dist.average_gradients(self.model.parameters())
