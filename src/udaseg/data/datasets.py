@@ -440,15 +440,22 @@ class GTA5Dataset(SegmentationDataset):
         images = _list_file_filter(images, root, cfg.split, "gta5")
         if cfg.labelled:
             label_dir = _require_dir(root / "labels", "gta5", self.LAYOUT)
-            all_pngs = _files(label_dir, [".png"], recursive=False)
-            existing = {p for p in all_pngs if p.name.endswith(TRAINID_SUFFIX)}
-            raw = _keyed([p for p in all_pngs if p not in existing], label_dir, [".png"])
-            raw = {k: v for k, v in raw.items() if k in images} if cfg.split not in ("train", "all") else raw
-            pairs = _pair("gta5", images, raw, image_dir, label_dir)
+            pairs, existing = _raw_label_pairs("gta5", images, image_dir, label_dir, cfg.split)
             samples = _converted_samples("gta5", root, pairs, "index", "gta5", _trainid_suffix, existing)
         else:
             samples = _unlabelled("gta5", root, images)
         super().__init__(samples, CITYSCAPES_CLASSES, _pipeline(cfg, mean, std), root, cfg.labelled, "gta5")
+
+
+def _raw_label_pairs(dataset: str, images: dict[str, Path], image_dir: Path, label_dir: Path, split: str):
+    """Pair images with the raw label PNGs of ``label_dir`` (GTA5, SYNTHIA); also return the
+    ``*_labelTrainIds.png`` files ``udaseg prepare`` has already written there."""
+    all_pngs = _files(label_dir, [".png"], recursive=False)
+    existing = {p for p in all_pngs if p.name.endswith(TRAINID_SUFFIX)}
+    raw = _keyed([p for p in all_pngs if p not in existing], label_dir, [".png"])
+    if split not in ("train", "all"):
+        raw = {k: v for k, v in raw.items() if k in images}
+    return _pair(dataset, images, raw, image_dir, label_dir), existing
 
 
 @register_dataset("synthia")
@@ -466,11 +473,7 @@ class SynthiaDataset(SegmentationDataset):
         images = _list_file_filter(images, root, cfg.split, "synthia")
         if cfg.labelled:
             label_dir = _require_dir(root / "GT" / "LABELS", "synthia", self.LAYOUT)
-            all_pngs = _files(label_dir, [".png"], recursive=False)
-            existing = {p for p in all_pngs if p.name.endswith(TRAINID_SUFFIX)}
-            raw = _keyed([p for p in all_pngs if p not in existing], label_dir, [".png"])
-            raw = {k: v for k, v in raw.items() if k in images} if cfg.split not in ("train", "all") else raw
-            pairs = _pair("synthia", images, raw, image_dir, label_dir)
+            pairs, existing = _raw_label_pairs("synthia", images, image_dir, label_dir, cfg.split)
             samples = _converted_samples("synthia", root, pairs, "synthia", "synthia", _trainid_suffix, existing)
         else:
             samples = _unlabelled("synthia", root, images)

@@ -780,12 +780,13 @@ def sepico_projection_head(cfg: SePiCoConfig, segmentor: nn.Module) -> tuple[nn.
     tap = projection_tap(cfg, segmentor)
     if tap == "proj":
         raise UserError("method.sepico.feature cannot be 'proj'")
+    from udaseg.models.registry import sepico_hidden_channels
+
     try:
         channels = segmentor.tap_channels(tap)
     except ValueError as error:
         raise UserError(f"method.sepico.feature: {error}") from None
-    hidden = channels // len(segmentor.backbone.out_channels) if tap == "enc_fused" else channels
-    return SePiCoProjectionHead(channels, hidden, cfg.proj_dim), tap
+    return SePiCoProjectionHead(channels, sepico_hidden_channels(segmentor, tap), cfg.proj_dim), tap
 
 
 def _check_config(cfg: SePiCoConfig, self_training: SelfTrainingConfig, num_classes: int) -> None:

@@ -108,10 +108,16 @@ def _default_projection_input(model: Segmentor) -> str:
 
 def _projection_defaults(kind: str, input_tap: str, model: Segmentor, options: Dict[str, Any]) -> Dict[str, Any]:
     options = dict(options)
-    if kind == "sepico" and "hidden_channels" not in options and input_tap == "enc_fused":
-        # resize-concat input: C_mid = C_in / number of stages (sepico.md §1.1.3)
-        options["hidden_channels"] = model.tap_channels("enc_fused") // len(model.backbone.out_channels)
+    if kind == "sepico" and "hidden_channels" not in options:
+        options["hidden_channels"] = sepico_hidden_channels(model, input_tap)
     return options
+
+
+def sepico_hidden_channels(model: Segmentor, input_tap: str) -> int:
+    """SePiCo's hidden width: C_in, or C_in / number of stages on the resize-concat ``enc_fused``
+    input (sepico.md §1.1.3)."""
+    channels = model.tap_channels(input_tap)
+    return channels // len(model.backbone.out_channels) if input_tap == "enc_fused" else channels
 
 
 # ------------------------------------------------------------------------------------ DeepLab-V2
