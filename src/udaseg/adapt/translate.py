@@ -21,9 +21,10 @@ Built in (no pretrained network needed):
 - :class:`StyleStatisticsTranslator` - random per-channel mean/std in a decorrelated colour space
   (in the spirit of MixStyle / random style statistics).
 
-:class:`AdaINTranslator` and :class:`StyleAugmentationTranslator` (GtA kinds C and B) need network
-weights; constructing them raises :class:`TranslationUnavailable` (a :class:`UserError`), which
-:func:`build_translations` reports as a skipped translation.
+:class:`AdaINTranslator` and :class:`StyleAugmentationTranslator` (GtA kinds C and B) run the released
+networks from a folder of weights (``t2sda.dg_weights``); without one, constructing them raises
+:class:`TranslationUnavailable` (a :class:`UserError`), which :func:`build_translations` reports as a
+skipped translation.
 
 Example::
 
@@ -322,20 +323,6 @@ class TranslationUnavailable(UserError):
     """A translation that cannot run in this installation (no weights, or not implemented)."""
 
 
-class _NetworkTranslator:
-    name = ""
-    network = ""
-
-    def __init__(self, weights_path: Union[str, Path, None] = None):
-        if not weights_path:
-            raise TranslationUnavailable(
-                f"{self.name} needs weights ({self.network}); set t2sda.dg_weights to the file")
-        if not Path(weights_path).is_file():
-            raise UserError(f"t2sda.dg_weights: {self.name} weights file {str(weights_path)!r} does not exist")
-        raise TranslationUnavailable(
-            f"{self.name}: translation with network weights is not supported yet ({weights_path})")
-
-
 # The AdaIN networks (Huang & Belongie, ICCV 2017) as nn.Sequential built from layer plans, so that
 # the parameter names are the module indices of the released `vgg_normalised.pth` / `decoder.pth`.
 # An int pair is a reflection-padded 3x3 conv (+ ReLU), "M" a 2x2 max-pool, "U" a 2x nearest upsample.
@@ -379,19 +366,47 @@ def adaptive_instance_norm(content: Tensor, style: Tensor, eps: float = 1e-5) ->
     return (content - c_mean) / c_std * s_std + s_mean
 
 
-def _load_network(module: torch.nn.Module, path: Path, allow_extra: bool) -> None:
+def _load_network(module: torch.nn.Module, path: Path, network: str, allow_extra: bool = False,
+                  inner_key: Optional[str] = None) -> None:
+    """Load ``path`` into ``module``; every parameter must be there with its shape (``UserError`` otherwise)."""
     from udaseg.models.weights import read_state_dict
 
-    state = read_state_dict(path)
+    if inner_key is None:
+        state = read_state_dict(path)
+    else:
+        content = _read_torch_file(path)
+        state = content.get(inner_key) if isinstance(content, dict) else None
+        if not isinstance(state, dict):
+            raise UserError(f"t2sda.dg_weights: {path} has no {inner_key!r} entry; it does not hold {network}")
     own = module.state_dict()
     missing = [k for k in own if k not in state]
     wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
     extra = [k for k in state if k not in own]
     if missing or wrong or (extra and not allow_extra):
         first = (missing or wrong or extra)[0]
-        raise UserError(f"t2sda.dg_weights: {path} does not hold the AdaIN network "
+        raise UserError(f"t2sda.dg_weights: {path} does not hold {network} "
                         f"({len(missing)} missing, {len(wrong)} mis-shaped, {len(extra)} unexpected keys; first: {first})")
     module.load_state_dict({k: state[k] for k in own})
+
+
+def _read_torch_file(path: Path) -> object:
+    if not path.is_file():
+        raise UserError(f"t2sda.dg_weights: {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # corrupt, truncated or not a torch file
+        raise UserError(f"t2sda.dg_weights: cannot read {path}: {type(error).__name__}") from None
+
+
+def _weights_folder(weights_dir: Union[str, Path, None], name: str, files: Sequence[str]) -> Path:
+    """The folder holding ``files``; no folder given makes the translation unavailable (skipped)."""
+    listing = " and ".join(files)
+    if not weights_dir:
+        raise TranslationUnavailable(f"{name} needs weights ({listing}); set t2sda.dg_weights to the folder holding them")
+    folder = Path(weights_dir)
+    if not folder.is_dir():
+        raise UserError(f"t2sda.dg_weights: folder {str(weights_dir)!r} does not exist (it should hold {listing})")
+    return folder
 
 
 class AdaINTranslator(_UnitRangeTranslator):
@@ -406,20 +421,15 @@ class AdaINTranslator(_UnitRangeTranslator):
 
     def __init__(self, weights_dir: Union[str, Path, None] = None, reference_dir: Union[str, Path, None] = None,
                  alpha: float = 1.0):
-        if not weights_dir:
-            raise TranslationUnavailable(f"adain needs weights ({' and '.join(ADAIN_WEIGHT_FILES)}); "
-                                         "set t2sda.dg_weights to the folder holding them")
-        folder = Path(weights_dir)
-        if not folder.is_dir():
-            raise UserError(f"t2sda.dg_weights: folder {str(weights_dir)!r} does not exist "
-                            f"(it should hold {' and '.join(ADAIN_WEIGHT_FILES)})")
+        folder = _weights_folder(weights_dir, self.name, ADAIN_WEIGHT_FILES)
         if not reference_dir:
             raise TranslationUnavailable("adain needs style images; set t2sda.dg_reference_dir")
         self.styles = reference_images(reference_dir)
         self.alpha = alpha
         self.encoder, self.decoder = adain_encoder().eval(), adain_decoder().eval()
-        _load_network(self.encoder, folder / ADAIN_WEIGHT_FILES[0], allow_extra=True)  # release goes to relu5_4
-        _load_network(self.decoder, folder / ADAIN_WEIGHT_FILES[1], allow_extra=False)
+        _load_network(self.encoder, folder / ADAIN_WEIGHT_FILES[0], "the AdaIN network",
+                      allow_extra=True)  # the release goes on to relu5_4
+        _load_network(self.decoder, folder / ADAIN_WEIGHT_FILES[1], "the AdaIN network")
         for p in list(self.encoder.parameters()) + list(self.decoder.parameters()):
             p.requires_grad_(False)
 
@@ -434,11 +444,64 @@ class AdaINTranslator(_UnitRangeTranslator):
         return F.interpolate(out, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
-class StyleAugmentationTranslator(_NetworkTranslator):
-    """Style Augmentation (Jackson et al. 2019; GtA kind B); needs the style-transfer network weights."""
+class StyleAugmentationTranslator(_UnitRangeTranslator):
+    """Style Augmentation (Jackson et al. 2019; GtA kind B): restyle with a random style embedding.
+
+    ``weights_dir`` holds the three release files (:data:`udaseg.adapt.style_augmentation.RELEASE_FILES`).
+    The embedding is ``α · z_random + (1 − α) · z_image`` with ``z_random`` drawn from the
+    Painter-by-Numbers Gaussian and ``z_image`` the predicted style of the image
+    (``use_style_predictor``) or the mean ImageNet embedding; α = 0.5 as in the GtA augmentor.
+    ``downsamples`` halves the image that many times before the transformer (faster, blurrier).
+    """
 
     name = "style_augmentation"
-    network = "the style-augmentation transformer network and style predictor"
+
+    def __init__(self, weights_dir: Union[str, Path, None] = None, alpha: float = 0.5,
+                 use_style_predictor: bool = True, downsamples: int = 0):
+        from udaseg.adapt import style_augmentation as sa
+
+        files = [file for file, _ in sa.RELEASE_FILES.values()]
+        folder = _weights_folder(weights_dir, self.name, files)
+        if not 0 <= alpha <= 1:
+            raise UserError(f"style_augmentation: alpha must be in [0, 1], got {alpha}")
+        self.alpha, self.use_style_predictor, self.downsamples = alpha, use_style_predictor, downsamples
+        self.transformer = sa.StyleTransformer().eval()
+        self.predictor = sa.InceptionStylePredictor().eval()
+        for key, network in (("transformer", self.transformer), ("predictor", self.predictor)):
+            file, inner = sa.RELEASE_FILES[key]
+            _load_network(network, folder / file, f"the style-augmentation {key}", inner_key=inner)
+            network.requires_grad_(False)
+        embeddings_path = folder / sa.RELEASE_FILES["embeddings"][0]
+        embeddings = _read_torch_file(embeddings_path)
+        missing = [k for k in sa.EMBEDDING_KEYS if not (isinstance(embeddings, dict) and isinstance(embeddings.get(k), Tensor))]
+        if missing:
+            raise UserError(f"t2sda.dg_weights: {embeddings_path} has no {missing[0]!r} tensor")
+        try:
+            self.styles = sa.StyleEmbeddingDistribution(embeddings["pbn_embedding_mean"],
+                                                        embeddings["pbn_embedding_covariance"])
+        except ValueError as error:
+            raise UserError(f"t2sda.dg_weights: {embeddings_path}: {error}") from None
+        self.imagenet_style = embeddings["imagenet_embedding_mean"].reshape(1, -1).float()
+
+    @torch.no_grad()
+    def apply(self, x: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+        self.transformer.to(x.device), self.predictor.to(x.device)
+        if self.use_style_predictor:
+            height, width = x.shape[-2:]
+            scale = max(1.0, self.predictor.MIN_SIZE / min(height, width))
+            probe = x if scale == 1 else F.interpolate(x, size=(math.ceil(height * scale), math.ceil(width * scale)),
+                                                       mode="bilinear", align_corners=False)
+            own_style = self.predictor(probe)
+        else:
+            own_style = self.imagenet_style.to(x.device)
+        style = self.alpha * self.styles.sample(1, generator).to(x.device) + (1 - self.alpha) * own_style
+        content = x
+        for _ in range(self.downsamples):
+            content = F.avg_pool2d(content, 2, ceil_mode=True)
+        out = self.transformer(content, style)
+        if out.shape[-2:] != x.shape[-2:]:
+            out = F.interpolate(out, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -469,9 +532,9 @@ def build_translations(names: Sequence[str], reference_dir: str = "", weights: s
 
     Returns ``(translators, skipped)`` where ``skipped`` lists ``(name, reason)`` for the
     translations that cannot run here: ``fda`` without a reference folder (``reference_dir=""``),
-    and the network translations (``adain``, ``style_augmentation``: no weights given, or running
-    them is not supported yet). A reference folder or weights file that is given but missing or
-    empty, and unknown names, raise :class:`UserError`.
+    and the network translations without a weights folder (``adain`` also without reference images).
+    A folder that is given but missing or empty, weights files that do not hold the network, and
+    unknown names raise :class:`UserError`.
     """
     translators: list[Translator] = []
     skipped: list[tuple[str, str]] = []

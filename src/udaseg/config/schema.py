@@ -183,7 +183,7 @@ class T2SDAConfig:
     domain_generalisation: bool = False
     dg_translations: list[str] = field(default_factory=lambda: ["fda", "weather", "cartoon", "style_stats"])
     dg_reference_dir: str = ""  # folder of reference images for the DG FDA translation
-    dg_weights: str = ""  # AdaIN: folder with vgg_normalised.pth and decoder.pth (style augmentation: not yet)
+    dg_weights: str = ""  # folder with the AdaIN and/or Style Augmentation release files
 
 
 @dataclass
