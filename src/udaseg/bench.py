@@ -152,7 +152,9 @@ def format_table(scores, domains, methods, seeds, iterations: Optional[int], tea
                 s, o = statistics.fmean(src), statistics.fmean(ora)
                 if o - s > 1e-9:
                     gap = f"{100 * (mean - s) / (o - s):.0f}%"
-            spread = f" ± {100 * std:.1f}" if len(values) > 1 else " (1 seed)"
+            spread = f" ± {100 * std:.1f}" if len(values) > 1 else ""
+            if len(values) < len(seeds):
+                spread += f" ({len(values)} seed{'s' if len(values) > 1 else ''})"
             teacher = teacher_scores.get((domain, preset))
             extra = f" [teacher {100 * statistics.fmean(teacher):.1f}]" if teacher else ""
             cells += [f"{100 * mean:.1f}{spread}{extra}", gap]

@@ -53,3 +53,18 @@ def test_bench_writes_table_and_reuses_finished_runs(data_root, tmp_path, capsys
 def test_bench_unknown_method_is_a_clear_error(capsys):
     assert main(["bench", "digits", "--methods", "digits_dacss"]) == 2
     assert "digits_dacss" in capsys.readouterr().err
+
+
+def test_table_marks_missing_seeds_and_computes_the_gap():
+    from udaseg.bench import format_table
+
+    scores = {("d", "digits_source_only"): [0.10, 0.12, 0.14], ("d", "digits_target_oracle"): [0.60, 0.62, 0.64],
+              ("d", "digits_dacs"): [0.30, 0.40], ("d", "digits_t2sda"): [0.37]}
+    table = format_table(scores, ["d"], ["digits_source_only", "digits_target_oracle", "digits_dacs",
+                                         "digits_t2sda", "digits_sepico_bankcl"], [0, 1, 2], None,
+                         {("d", "digits_dacs"): [0.2, 0.3]})
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    assert "| 12.0 ± 2.0 | – |" in rows["source_only"]
+    assert "35.0 ± 7.1 (2 seeds) [teacher 25.0] | 46% |" in rows["dacs"]  # (35 - 12) / (62 - 12)
+    assert "37.0 (1 seed) | 50% |" in rows["t2sda"]
+    assert rows["sepico_bankcl"].endswith("| – | – |")
