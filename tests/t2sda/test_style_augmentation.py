@@ -147,6 +147,10 @@ def test_translator_reports_bad_release_files(tmp_path):
     with pytest.raises(UserError, match="checkpoint_embeddings.pth does not exist"):
         StyleAugmentationTranslator(folder)
     _write_release(folder)
+    state = InceptionStylePredictor().state_dict()
+    state["Mixed_7a.branch3x3_1.conv.weight"] = torch.zeros(1)  # extra entries are tolerated
+    torch.save({"state_dict_stylepredictor": state}, folder / RELEASE_FILES["predictor"][0])
+    StyleAugmentationTranslator(folder)
     torch.save({"state_dict": StyleTransformer().state_dict()}, folder / RELEASE_FILES["transformer"][0])
     with pytest.raises(UserError, match="no 'state_dict_ghiasi' entry"):
         StyleAugmentationTranslator(folder)

@@ -320,7 +320,7 @@ class StyleStatisticsTranslator(_UnitRangeTranslator):
 # --------------------------------------------------------------------------------------------
 
 class TranslationUnavailable(UserError):
-    """A translation that cannot run in this installation (no weights, or not implemented)."""
+    """A translation that cannot run with the given settings (no weights or no reference images)."""
 
 
 # The AdaIN networks (Huang & Belongie, ICCV 2017) as nn.Sequential built from layer plans, so that
@@ -469,7 +469,8 @@ class StyleAugmentationTranslator(_UnitRangeTranslator):
         self.predictor = sa.InceptionStylePredictor().eval()
         for key, network in (("transformer", self.transformer), ("predictor", self.predictor)):
             file, inner = sa.RELEASE_FILES[key]
-            _load_network(network, folder / file, f"the style-augmentation {key}", inner_key=inner)
+            # every parameter must be there; extra entries are tolerated, as the release loads non-strictly
+            _load_network(network, folder / file, f"the style-augmentation {key}", allow_extra=True, inner_key=inner)
             network.requires_grad_(False)
         embeddings_path = folder / sa.RELEASE_FILES["embeddings"][0]
         embeddings = _read_torch_file(embeddings_path)
