@@ -1,12 +1,13 @@
 """Time per training iteration and peak memory of each method's step, as ratios measured in one run.
 
-    python benchmarks/iteration.py                       # CPU, small size, every base method
+    python benchmarks/iteration.py                       # CPU, small size, every method
     python benchmarks/iteration.py --write docs/BENCHMARKS.md
     python benchmarks/iteration.py --device cuda --setting paper --modes eager bf16 compile
 
 Each (method, mode) is measured in its own subprocess (so peak memory is its own), in interleaved
 rounds, and the median over rounds is reported. Data come from an in-memory synthetic dataset so
-that the step, not image decoding, is measured. Ratios are relative to source-only in the same run.
+that the step, not image decoding, is measured. Ratios are relative to source-only and to DACS in the
+same run.
 """
 
 from __future__ import annotations
@@ -123,8 +124,8 @@ def measure(method: str, family: str, setting: str, mode: str, device: str, iter
     return {"time": statistics.median(times), "peak_mib": peak}
 
 
-def _run_child(args: list[str]) -> dict:
-    argv = args if args[0] == "--threads" else ["--child", *args]
+def _run_child(args: list[str], threads: int) -> dict:
+    argv = (["--threads", str(threads)] if threads else []) + ["--child", *args]
     out = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True,
                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if out.returncode != 0:
@@ -159,9 +160,7 @@ def main() -> int:
         for family, method, mode in jobs:
             print(f"round {round_index + 1}/{args.rounds}: {family} {method} {mode}", file=sys.stderr, flush=True)
             child = [method, family, args.setting, mode, args.device, str(args.iterations), str(args.warmup)]
-            if args.threads:
-                child = ["--threads", str(args.threads), "--child", *child]
-            results.setdefault((family, method, mode), []).append(_run_child(child))
+            results.setdefault((family, method, mode), []).append(_run_child(child, args.threads))
     table = format_table(results, args)
     print(table)
     if args.write:

@@ -47,7 +47,8 @@ def run_bench(args: argparse.Namespace) -> int:
     scores: dict[tuple[str, str], list[float]] = {}
     teacher_scores: dict[tuple[str, str], list[float]] = {}
     start = time.time()
-    if getattr(args, "collect", False):
+    collect = getattr(args, "collect", False)
+    if collect:
         from udaseg.experiments import stored_result
 
         found = [(d, p, stored_result(c)) for d, p, c in jobs]
@@ -70,7 +71,7 @@ def run_bench(args: argparse.Namespace) -> int:
             [f"--seeds {' '.join(map(str, args.seeds))}", f"--domains {' '.join(args.domains)}",
              f"--methods {' '.join(methods)}"] + ([f"--iterations {args.iterations}"] if args.iterations else []))
         footer = f"\n\nCommand: `{command}`."
-        if not getattr(args, "collect", False):
+        if not collect:
             footer += (f" Wall time of this invocation: {time.time() - start:.0f} s (finished runs are reused, "
                        "so this is not the cost of the whole table).")
         write_section(Path(args.report), MARKER, table + footer + "\n")

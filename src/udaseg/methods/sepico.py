@@ -776,12 +776,11 @@ def projection_tap(cfg: SePiCoConfig, segmentor: nn.Module) -> str:
 def sepico_projection_head(cfg: SePiCoConfig, segmentor: nn.Module) -> tuple[nn.Module, str]:
     """``(SePiCoProjectionHead, tap)``: hidden width C_in, or C_in / #stages on ``enc_fused``."""
     from udaseg.models.heads.projection import SePiCoProjectionHead
+    from udaseg.models.registry import sepico_hidden_channels
 
     tap = projection_tap(cfg, segmentor)
     if tap == "proj":
         raise UserError("method.sepico.feature cannot be 'proj'")
-    from udaseg.models.registry import sepico_hidden_channels
-
     try:
         channels = segmentor.tap_channels(tap)
     except ValueError as error:
