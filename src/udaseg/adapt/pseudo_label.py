@@ -101,3 +101,20 @@ def pseudo_weight_map(
     if ignore_bottom > 0:
         weights[:, max(height - ignore_bottom, 0):, :] = 0
     return weights
+
+
+def pseudo_label_accuracy(labels: torch.Tensor, truth: torch.Tensor, confidence: torch.Tensor,
+                          threshold: float, ignore_index: int = 255) -> dict[str, float]:
+    """Pixel accuracy of pseudo-labels against held-back ground truth (monitoring only).
+
+    Returns ``pseudo_acc`` over every labelled pixel and ``pseudo_acc_confident`` over the labelled
+    pixels whose confidence is ≥ ``threshold`` (NaN when there is none).
+    """
+    valid = truth != ignore_index
+    correct = (labels == truth) & valid
+    confident = valid & (confidence >= threshold)
+    total, total_confident = valid.sum(), confident.sum()
+    accuracy = correct.sum() / total.clamp(min=1)
+    accuracy_confident = (correct & confident).sum() / total_confident.clamp(min=1)
+    return {"pseudo_acc": float(accuracy) if total > 0 else float("nan"),
+            "pseudo_acc_confident": float(accuracy_confident) if total_confident > 0 else float("nan")}

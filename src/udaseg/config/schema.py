@@ -34,6 +34,7 @@ class DatasetConfig:
     root: str = ""
     split: str = "train"
     labelled: bool = True
+    monitor_labels: bool = False  # unlabelled stream: load labels only to measure pseudo-label accuracy
     resize: Optional[list[int]] = None  # [width, height] scale, see keep_ratio
     keep_ratio: bool = True
     crop_size: Optional[list[int]] = None  # [height, width]
@@ -101,6 +102,7 @@ class TrainConfig:
     sync_bn: bool = False
     backward_per_group: bool = True  # back-propagate after each view group (lower peak memory)
     deterministic: bool = False
+    eval_teacher: Literal["final", "every"] = "final"  # evaluate the EMA teacher at the end or at every eval
 
 
 @dataclass
@@ -122,6 +124,8 @@ class SelfTrainingConfig:
     ignore_top: int = 0  # rows at the top of target images whose pseudo-label weight is 0
     ignore_bottom: int = 0
     mix: Literal["class", "none"] = "class"
+    mix_exclude_classes: list[int] = field(default_factory=list)  # classes ClassMix never pastes
+    confidence_weight: Literal["batch", "image"] = "batch"  # one quality weight per batch (code) or image
     color_jitter_prob: float = 0.8  # probability that colour jitter is applied
     color_jitter_strength: float = 0.2
     blur_prob: float = 0.5

@@ -41,6 +41,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def seed_devices(seed: int, device: torch.device) -> None:
+    """Seed the CPU generator and, for a CUDA run, the current device's (cheaper than torch.manual_seed)."""
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed(seed)
+
+
 def check_writable(path: Path) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -163,7 +170,7 @@ class Trainer:
                     bar.set_postfix({k: f"{v:.3g}" for k, v in list(result.losses.items())[:3]}, refresh=False)
                 final = self.iteration == cfg.iterations
                 if self.val_sets and (self.iteration % cfg.eval_interval == 0 or final):
-                    last_eval = self.evaluate_all(teacher_too=final)
+                    last_eval = self.evaluate_all(teacher_too=final or cfg.eval_teacher == "every")
                 if self.iteration % cfg.checkpoint_interval == 0 or final:
                     self.save(metric=last_eval.get("miou"))
         finally:
@@ -180,7 +187,7 @@ class Trainer:
         batch = self._next_batch()
         # Everything random in an iteration (dropout, drop-path, the step's draws) derives from
         # (seed, iteration, rank): distinct per rank, identical after a resume.
-        torch.manual_seed(mix_seed(self.cfg.train.seed, it, dist.rank(), 1))
+        seed_devices(mix_seed(self.cfg.train.seed, it, dist.rank(), 1), self.device)
         generator = torch.Generator().manual_seed(mix_seed(self.cfg.train.seed, it, dist.rank()))
         result = self.step.run(batch, it, generator)
         dist.average_gradients(self.model.parameters())
