@@ -7,6 +7,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from typing import Optional
+
 import numpy as np
 import pytest
 import torch
@@ -262,8 +264,8 @@ def test_bad_domain_split_seed_and_size_are_user_errors(tmp_path):
 # ---------------------------------------------------------------- datasets
 
 
-def _config(root: Path, **kwargs) -> DatasetConfig:
-    options = {"train_size": TINY.train, "val_size": TINY.val}
+def _config(root: Path, options: Optional[dict] = None, **kwargs) -> DatasetConfig:
+    options = {"train_size": TINY.train, "val_size": TINY.val, **(options or {})}
     return DatasetConfig(root=str(root), options=options, **kwargs)
 
 
