@@ -66,7 +66,7 @@ def run_bench(args: argparse.Namespace) -> int:
         print(f"collecting {len(jobs_done)} of {len(jobs)} finished runs (nothing is trained)")
         runs = iter(jobs_done)
     else:
-        runs = _run_all(jobs, args.jobs)
+        runs = run_parallel(jobs, args.jobs)
     for done, (domain, preset, result) in enumerate(runs, start=1):
         miou = _student_miou(result)
         scores.setdefault((domain, preset), []).append(miou)
@@ -139,13 +139,15 @@ def run_curves(work_dir: Path) -> dict[str, list[tuple[int, float]]]:
     from udaseg.engine.logging import read_metrics
 
     records = read_metrics(work_dir / "metrics.jsonl")
-    curves: dict[str, list[tuple[int, float]]] = {"student": [], "teacher": [], "pseudo_acc": []}
+    curves: dict[str, list[tuple[int, float]]] = {"student": [], "teacher": [], "pseudo_acc": [], "pseudo_miou": []}
     first_set = next((r.get("set") for r in records if r.get("kind") == "eval"), None)
     for record in records:
         if record.get("kind") == "eval" and record.get("set") == first_set and record.get("model") in curves:
             curves[record["model"]].append((record["iteration"], 100 * record["miou"]))
-        elif record.get("kind") == "train" and record.get("pseudo_acc") is not None:
-            curves["pseudo_acc"].append((record["iteration"], 100 * record["pseudo_acc"]))
+        elif record.get("kind") == "train":
+            for key in ("pseudo_acc", "pseudo_miou"):
+                if isinstance(record.get(key), (int, float)):
+                    curves[key].append((record["iteration"], 100 * record[key]))
     return curves
 
 
@@ -164,7 +166,8 @@ def plot_curves(path: Path, domain: str, methods: list[str], work_dirs: dict) ->
     columns = min(4, len(shown))
     rows = (len(shown) + columns - 1) // columns
     fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.6 * rows), squeeze=False, sharey=True)
-    styles = {"student": ("tab:blue", "-"), "teacher": ("tab:orange", "--"), "pseudo_acc": ("tab:green", ":")}
+    styles = {"student": ("tab:blue", "-"), "teacher": ("tab:orange", "--"), "pseudo_acc": ("tab:green", ":"),
+              "pseudo_miou": ("tab:red", ":")}
     for ax, preset in zip(axes.flat, shown):
         for seed_index, work_dir in enumerate(work_dirs[(domain, preset)]):
             for name, points in run_curves(work_dir).items():
@@ -181,7 +184,8 @@ def plot_curves(path: Path, domain: str, methods: list[str], work_dirs: dict) ->
         ax.axis("off")
     axes[0, 0].set_ylabel("%", fontsize=8)
     axes[0, 0].legend(fontsize=7, loc="lower right")
-    fig.suptitle(f"{domain}: target mIoU of student and teacher, pseudo-label pixel accuracy", fontsize=9)
+    fig.suptitle(f"{domain}: target mIoU of student and teacher; pseudo-label pixel accuracy and mIoU "
+                 "(per logged batch)", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
@@ -200,7 +204,7 @@ def _run_one(job: tuple) -> tuple:
     return domain, preset, run_experiment(cfg, progress=False)
 
 
-def _run_all(jobs: list[tuple], parallel: int):
+def run_parallel(jobs: list[tuple], parallel: int):
     """Yield (domain, preset, result) as runs finish; ``parallel`` runs at a time in worker processes."""
     if parallel <= 1:
         from udaseg.experiments import run_experiment

@@ -67,6 +67,7 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default=None, help="adaptation preset to compare against source-only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--iterations", type=int, default=None, help="training budget per run (overrides --quick)")
+    p.add_argument("--jobs", type=int, default=None, help="runs trained at the same time (default: one per core, at most 2)")
     p.add_argument("--digits-size", type=int, nargs=2, metavar=("TRAIN", "VAL"), help=argparse.SUPPRESS)
 
 

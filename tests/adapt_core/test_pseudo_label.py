@@ -55,5 +55,7 @@ def test_pseudo_label_accuracy_counts_labelled_and_confident_pixels_by_hand():
     out = pseudo_label_accuracy(labels, truth, confidence, threshold=0.9)
     assert out["pseudo_acc"] == pytest.approx(2 / 3)  # 3 labelled pixels, 2 right
     assert out["pseudo_acc_confident"] == pytest.approx(1 / 2)  # confident & labelled: (0,0) right, (0,1) wrong
+    # labelled pixels (truth, pseudo): (1,1) (0,2) (3,3); IoU: class 0 0/1, 1 1/1, 2 0/1, 3 1/1
+    assert out["pseudo_miou"] == pytest.approx(0.5)
     none_confident = pseudo_label_accuracy(labels, truth, confidence * 0, threshold=0.9)
     assert math.isnan(none_confident["pseudo_acc_confident"])

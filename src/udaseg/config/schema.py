@@ -12,6 +12,10 @@ from typing import Literal, Optional
 
 from udaseg.errors import UserError
 
+# Field metadata of settings counted in training iterations: a shorter or longer budget scales them
+# (``udaseg.config.scale_iteration_counts``), so a warm-up keeps its share of the run.
+ITERATION_COUNT = {"unit": "iterations"}
+
 IMAGENET_MEAN = [123.675, 116.28, 103.53]
 IMAGENET_STD = [58.395, 57.12, 57.375]
 
@@ -82,7 +86,7 @@ class OptimConfig:
     no_decay_keys: list[str] = field(default_factory=lambda: ["norm", "pos_block"])
     power: float = 1.0  # poly decay power
     min_lr: float = 0.0
-    warmup_iters: int = 1500
+    warmup_iters: int = field(default=1500, metadata=ITERATION_COUNT)
     warmup_ratio: float = 1e-6
 
 
@@ -150,7 +154,7 @@ class SePiCoConfig:
     temperature: float = 100.0
     weight: float = 1.0  # lambda_cl
     reg_weight: float = 1.0  # relative weight of L_reg (effective lambda_reg = weight * reg_weight)
-    warmup_iters: int = 3000  # L_w: contrastive terms start at this 0-based iteration
+    warmup_iters: int = field(default=3000, metadata=ITERATION_COUNT)  # L_w: contrastive terms start here (0-based)
     proj_dim: int = 512
     feature: str = "auto"  # encoder tap the projection head reads: auto | enc4 | enc_fused | encN
     bank_size: int = 200

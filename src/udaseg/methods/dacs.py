@@ -24,7 +24,7 @@ Example::
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -38,6 +38,15 @@ from udaseg.methods.base import segmentation_cross_entropy
 
 AUG_FLAGS = "augmentation_flags"
 PSEUDO = "target_pseudo"
+MONITOR = "monitor_labels"  # view name -> held-back ground truth aligned with that view (monitoring only)
+
+
+def monitor_label(ctx: StepContext, batch: dict, view: str) -> Optional[Tensor]:
+    """The held-back labels of ``view`` (a crop of the batch's when an objective re-cropped the view)."""
+    aligned = ctx.state.get(MONITOR, {})
+    if view in aligned:
+        return aligned[view]
+    return batch.get(view, {}).get("monitor_label")
 
 
 def iteration_augmentation_flags(ctx: StepContext, cfg: SelfTrainingConfig) -> tuple[bool, bool]:
@@ -99,7 +108,7 @@ class PseudoLabelSelfTraining(Objective):
 
     def prepare(self, ctx: StepContext, batch: dict) -> None:
         pseudo = teacher_pseudo_labels(ctx, self.cfg, self.target_view)
-        truth = batch.get(self.target_view, {}).get("monitor_label")
+        truth = monitor_label(ctx, batch, self.target_view)
         if truth is not None:
             ctx.metrics.update(pseudo_label_accuracy(pseudo["labels"], truth, pseudo["confidence"],
                                                      self.cfg.pseudo_threshold))
