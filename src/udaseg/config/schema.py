@@ -130,68 +130,50 @@ class SelfTrainingConfig:
 
 
 @dataclass
-class SePiCoConfig:
-    """SePiCo (Xie et al., TPAMI 2023). Defaults are the official code's."""
-
-    variant: Literal["proto", "bank", "dist"] = "dist"
-    temperature: float = 100.0
-    weight: float = 1.0  # lambda_cl
-    reg_weight: float = 1.0  # relative weight of L_reg (effective lambda_reg = weight * reg_weight)
-    warmup_iters: int = 3000  # L_w: contrastive terms start at this 0-based iteration
-    proj_dim: int = 512
-    feature: str = "auto"  # encoder tap the projection head reads: auto | enc4 | enc_fused | encN
-    bank_size: int = 200
-    bank_negatives: Literal["exp_of_mean", "mean_of_exp"] = "exp_of_mean"
-    covariance: Literal["diagonal", "full"] = "diagonal"
-    label_min_ratio: float = 0.75
-    class_balanced_crop: bool = True
-    crop_candidates: int = 10
-    crop_cat_max_ratio: float = 0.75
-    target_crop_size: Optional[list[int]] = None  # [h, w]; None: the source crop size
-    source_loss: bool = True
-    target_loss: bool = True
-    dark: bool = False  # Cityscapes -> Dark Zurich day/night fusion and class re-weighting
-    dark_train_scale: float = 0.05
-    dark_test_scale: float = 0.16
-
-
-@dataclass
-class T2SDAConfig:
-    """T2S-DA (pulling target to source). Defaults are the paper's, with the spec's choices."""
-
-    weight: float = 0.1  # lambda
-    temperature: float = 0.2
-    loss: Literal["infonce", "mse"] = "infonce"
-    proj_dim: int = 256
-    feature: str = "enc_last"  # projector input tap: enc_last | encN | enc_fused | decoder
-    proj_final_act: bool = True
-    fda_beta: float = 0.01
-    fda_window: Literal["official", "paper"] = "official"
-    base_queries: int = 128
-    negatives: int = 1024
-    unreliable_quantile: float = 0.5
-    quantile_per_image: bool = False
-    reweight: bool = True  # dynamic re-weighting (DRW)
-    reweight_beta: float = 0.5
-    absent_class_weight: Literal["max", "mean"] = "max"
-    target_negatives: bool = True  # DENPS: half the negatives from unreliable target pixels
-    class_balanced_queries: bool = True  # CBQS
-    reduction: Literal["mean", "paper_sum"] = "mean"
-    source_ce_on_pseudo_target: bool = False
-    label_downsample: Literal["ratio", "nearest"] = "ratio"
-    label_min_ratio: float = 0.75
-    domain_generalisation: bool = False
-    dg_translations: list[str] = field(default_factory=lambda: ["fda", "weather", "cartoon", "style_stats"])
-    dg_reference_dir: str = ""  # folder of reference images for the DG FDA translation
-    dg_weights: str = ""  # folder with the AdaIN and/or Style Augmentation release files
-
-
-@dataclass
 class MethodConfig:
-    name: Literal["source_only", "target_oracle", "dacs", "daformer", "sepico", "t2sda"] = "source_only"
+    """The method to train and its settings.
+
+    ``name`` is any registered method (:mod:`udaseg.methods`). Besides the shared ``self_training``
+    base, each method owns a section ``method.<section>`` declared where the method is registered;
+    those live in ``sections`` and read as attributes (``cfg.method.sepico``), with defaults when
+    a preset does not set them.
+    """
+
+    name: str = "source_only"
     self_training: SelfTrainingConfig = field(default_factory=SelfTrainingConfig)
-    sepico: SePiCoConfig = field(default_factory=SePiCoConfig)
-    t2sda: T2SDAConfig = field(default_factory=T2SDAConfig)
+    sections: dict = field(default_factory=dict)
+
+    @staticmethod
+    def __open_sections__() -> dict:
+        from udaseg.methods import method_sections
+
+        return method_sections()
+
+    def __getattr__(self, key: str):
+        sections = self.__dict__.get("sections")
+        if key.startswith("_") or sections is None:
+            raise AttributeError(key)
+        if key not in sections:
+            known = MethodConfig.__open_sections__()
+            if key not in known:
+                raise AttributeError(f"no config section 'method.{key}'; sections: {', '.join(sorted(known))}")
+            sections[key] = known[key]()
+        return sections[key]
+
+    def section_items(self) -> dict:
+        """Sections to write out: those set explicitly plus the active method's own (with defaults)."""
+        from udaseg.methods import method_entry
+
+        items = dict(self.sections)
+        own = method_entry(self.name).section
+        if own is not None and own not in items:
+            items[own] = getattr(self, own)
+        return items
+
+    def validate(self) -> None:
+        from udaseg.methods import method_entry
+
+        method_entry(self.name)
 
 
 @dataclass

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from udaseg.adapt.step import Need, Objective, StepContext
+from udaseg.methods import Method, register_method
 
 IGNORE_INDEX = 255
 
@@ -71,3 +72,14 @@ class SupervisedSegmentation(Objective):
             raise RuntimeError(f"view '{self.view}' has no labels")
         logits = ctx.student(self.view).logits
         return {self.loss_name: segmentation_cross_entropy(logits, view.label, view.weight, self.class_weight)}
+
+
+@register_method("source_only")
+def build_source_only(cfg, segmentor) -> Method:
+    return Method([SupervisedSegmentation("source")])
+
+
+@register_method("target_oracle")
+def build_target_oracle(cfg, segmentor) -> Method:
+    return Method([SupervisedSegmentation("target", loss_name="oracle_ce")], uses_target=True,
+                  target_labelled=True)

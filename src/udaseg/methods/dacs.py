@@ -28,8 +28,9 @@ from udaseg.adapt.augment import draw_augmentation_flags, strong_augment
 from udaseg.adapt.mixing import class_mix_masks, mix
 from udaseg.adapt.pseudo_label import confidence_ratio, pseudo_labels, pseudo_weight_map
 from udaseg.adapt.step import Need, Objective, StepContext
-from udaseg.config.schema import SelfTrainingConfig
-from udaseg.methods.base import segmentation_cross_entropy
+from udaseg.config.schema import Config, SelfTrainingConfig
+from udaseg.methods import Method, register_method
+from udaseg.methods.base import SupervisedSegmentation, segmentation_cross_entropy
 
 AUG_FLAGS = "augmentation_flags"
 PSEUDO = "target_pseudo"
@@ -112,3 +113,21 @@ class PseudoLabelSelfTraining(Objective):
         view = ctx.view(self.student_view)
         logits = ctx.student(self.student_view).logits
         return {"pseudo_ce": segmentation_cross_entropy(logits, view.label, view.weight, self.class_weight)}
+
+
+def self_training_objectives(cfg: Config, segmentor, feature_distance: bool) -> list[Objective]:
+    """Source CE, optionally DAFormer's feature distance, and the ClassMix pseudo-label CE."""
+    from udaseg.methods.daformer import ImageNetFeatureDistance
+
+    objectives: list[Objective] = [SupervisedSegmentation("source")]
+    if feature_distance:
+        objectives.append(ImageNetFeatureDistance(cfg.method.self_training.feature_distance, segmentor,
+                                                  cfg.model.num_classes))
+    objectives.append(PseudoLabelSelfTraining(cfg.method.self_training, cfg.data.mean, cfg.data.std))
+    return objectives
+
+
+@register_method("dacs")
+def build_dacs(cfg: Config, segmentor) -> Method:
+    return Method(self_training_objectives(cfg, segmentor, feature_distance=False), uses_teacher=True,
+                  uses_target=True)

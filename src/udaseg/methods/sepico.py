@@ -22,6 +22,7 @@ objectives that plug all of it into the shared training step (``build_sepico``, 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Literal, Optional, Sequence
 
 import torch
@@ -32,10 +33,36 @@ from udaseg.adapt.downsample import downscale_label_ratio
 from udaseg.adapt.pseudo_label import pseudo_labels
 from udaseg.adapt.stats import OnlineClassStatistics
 from udaseg.adapt.step import Need, Objective, StepContext
-from udaseg.config.schema import Config, SelfTrainingConfig, SePiCoConfig
+from udaseg.config.schema import Config, SelfTrainingConfig
 from udaseg.errors import UserError
 from udaseg.methods import Method, register_method
 from udaseg.methods.dacs import PseudoLabelSelfTraining, store_pseudo_labels, strong_view, teacher_pseudo_labels
+
+
+@dataclass
+class SePiCoConfig:
+    """SePiCo (Xie et al., TPAMI 2023). Defaults are the official code's."""
+
+    variant: Literal["proto", "bank", "dist"] = "dist"
+    temperature: float = 100.0
+    weight: float = 1.0  # lambda_cl
+    reg_weight: float = 1.0  # relative weight of L_reg (effective lambda_reg = weight * reg_weight)
+    warmup_iters: int = 3000  # L_w: contrastive terms start at this 0-based iteration
+    proj_dim: int = 512
+    feature: str = "auto"  # encoder tap the projection head reads: auto | enc4 | enc_fused | encN
+    bank_size: int = 200
+    bank_negatives: Literal["exp_of_mean", "mean_of_exp"] = "exp_of_mean"
+    covariance: Literal["diagonal", "full"] = "diagonal"
+    label_min_ratio: float = 0.75
+    class_balanced_crop: bool = True
+    crop_candidates: int = 10
+    crop_cat_max_ratio: float = 0.75
+    target_crop_size: Optional[list[int]] = None  # [h, w]; None: the source crop size
+    source_loss: bool = True
+    target_loss: bool = True
+    dark: bool = False  # Cityscapes -> Dark Zurich day/night fusion and class re-weighting
+    dark_train_scale: float = 0.05
+    dark_test_scale: float = 0.16
 
 IGNORE_INDEX = 255
 
@@ -819,7 +846,7 @@ def _check_crop(name: str, size: Optional[Sequence[int]], stride: int, tap: str)
                         f"input (method.sepico.feature={tap!r})")
 
 
-@register_method("sepico")
+@register_method("sepico", config=SePiCoConfig)
 def build_sepico(cfg: Config, segmentor: nn.Module) -> Method:
     """SePiCo on DAFormer-style self-training (the official order, spec sepico.md §1.0)."""
     from udaseg.methods.base import SupervisedSegmentation
