@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from udaseg.adapt.downsample import downscale_label_ratio
+from udaseg.adapt.geometry import CropBox as GeometryBox
 from udaseg.adapt.pseudo_label import pseudo_labels
 from udaseg.adapt.stats import OnlineClassStatistics
 from udaseg.adapt.step import Need, Objective, StepContext
@@ -630,7 +631,7 @@ class TargetCropping(Objective):
     pipeline); for each image a ``crop_size`` box is chosen by :func:`class_balanced_crop_box` on the
     argmax pseudo-label; the 'target' view is replaced by the crops, which drops the cached teacher
     output, so the pseudo-labels used afterwards (``teacher_pseudo_labels``) are predicted again on the
-    crop. The boxes are kept in ``ctx.state["sepico_crop_boxes"]``.
+    crop. The boxes are kept in ``ctx.state["sepico_crop_boxes"]`` and on the cropped view (``View.boxes``).
 
     With ``dark=True`` (Cityscapes -> Dark Zurich, spec §1.11) the pseudo-label is the day/night fusion
     (:func:`fuse_day_night`, with ``class_weights``) of the teacher on the night image and on the
@@ -669,7 +670,8 @@ class TargetCropping(Objective):
                                                   self.cfg.crop_cat_max_ratio, ctx.generator)
             else:
                 boxes = [random_crop_box(target.image.shape[-2:], size, ctx.generator) for _ in full["labels"]]
-            ctx.add_view(self.target_view, crop_batch(target.image, boxes))
+            ctx.add_view(self.target_view, crop_batch(target.image, boxes),
+                         boxes=[GeometryBox.from_corners(*box) for box in boxes])
             if self.cfg.dark:
                 ctx.add_view(DAY_VIEW, crop_batch(ctx.view(DAY_VIEW).image, boxes))
             ctx.state[CROP_BOXES] = boxes
