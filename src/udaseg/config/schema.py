@@ -68,6 +68,8 @@ class ModelConfig:
     num_classes: int = 19
     pretrained: str = ""  # path to ImageNet backbone weights (official file), '' for random init
     options: dict = field(default_factory=dict)  # constructor overrides (e.g. drop_path_rate)
+    init_from: str = ""  # a udaseg checkpoint whose weights (only) start the run
+    init_from_model: Literal["student", "teacher"] = "student"  # which of its models
 
 
 @dataclass
