@@ -41,6 +41,7 @@ class DatasetConfig:
     flip: bool = False
     rcs: RCSConfig = field(default_factory=RCSConfig)
     options: dict = field(default_factory=dict)  # dataset-specific extras (e.g. ACDC condition)
+    pseudo_labels: str = ""  # folder of an offline 'pseudo_labels' pass: labels are read from there
 
     def validate(self) -> None:
         for key in ("resize", "crop_size"):
@@ -191,6 +192,44 @@ class EvalConfig:
 
 
 @dataclass
+class PassConfig:
+    """An offline pass run before a stage, on the previous stage's final weights.
+
+    Its files go to ``<train.work_dir>/<name>/``. ``dataset`` defaults to the stage's target set
+    (``pseudo_labels``) or source set (``class_prototypes``), always without random crop and flip.
+    """
+
+    name: str = ""
+    kind: str = "pseudo_labels"  # pseudo_labels | class_prototypes | a registered pass
+    dataset: Optional[DatasetConfig] = None
+    model: Literal["student", "teacher"] = "teacher"
+    threshold: float = 0.0  # pseudo_labels: pixels whose max softmax is below it become 255
+    options: dict = field(default_factory=dict)  # kind-specific extras (class_prototypes: tap)
+
+    def validate(self) -> None:
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise UserError(f"offline pass name {self.name!r} must be a plain folder name")
+
+
+@dataclass
+class StageConfig:
+    """One stage of a pipeline: an ordinary training run in ``<train.work_dir>/<name>/``.
+
+    ``config`` is a partial config (same keys as a preset) that updates the run's config for this
+    stage; ``{work_dir}`` in its strings stands for the pipeline's ``train.work_dir``. A stage
+    starts from the previous stage's final weights (``model.init_from``) unless it sets its own.
+    """
+
+    name: str = ""
+    before: list[PassConfig] = field(default_factory=list)  # offline passes run before the stage
+    config: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise UserError(f"stage name {self.name!r} must be a plain folder name")
+
+
+@dataclass
 class Config:
     name: str = "custom"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -200,3 +239,4 @@ class Config:
     method: MethodConfig = field(default_factory=MethodConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     reference: dict = field(default_factory=dict)  # published numbers this preset reproduces
+    stages: list[StageConfig] = field(default_factory=list)  # a pipeline of training runs (engine.pipeline)

@@ -60,12 +60,25 @@ def build_segmentor(cfg: Config) -> nn.Module:
 
 
 def build_source_dataset(cfg: Config, spec: DatasetConfig):
+    if spec.pseudo_labels:
+        return build_pseudo_labelled_dataset(cfg, spec)
     dataset = build_dataset(spec, cfg.data.mean, cfg.data.std)
     if spec.rcs.enabled:
         from udaseg.data.sampling import RareClassSampledDataset
 
         dataset = RareClassSampledDataset(dataset, Path(spec.root), spec.rcs)
     return dataset
+
+
+def build_pseudo_labelled_dataset(cfg: Config, spec: DatasetConfig):
+    """A training stream labelled by an offline ``pseudo_labels`` pass (``spec.pseudo_labels``)."""
+    from udaseg.engine.offline import PseudoLabelledDataset
+
+    if spec.rcs.enabled:
+        raise UserError(f"dataset '{spec.name}': rare class sampling cannot run on offline pseudo-labels "
+                        "(pseudo_labels and rcs.enabled are exclusive)")
+    dataset = build_dataset(dataclasses.replace(spec, labelled=False), cfg.data.mean, cfg.data.std)
+    return PseudoLabelledDataset(dataset, Path(spec.pseudo_labels))
 
 
 def amp_dtype(cfg: Config) -> Optional[torch.dtype]:
@@ -143,7 +156,7 @@ class Trainer:
         if self.method.target_labelled:
             if cfg.data.target is None:
                 raise UserError("method 'target_oracle' needs data.target (with labels)")
-            spec = dataclasses.replace(cfg.data.target, labelled=True)
+            spec = cfg.data.target if cfg.data.target.pseudo_labels else dataclasses.replace(cfg.data.target, labelled=True)
             self.streams["target"] = DataStream(build_source_dataset(cfg, spec), stream=TARGET_STREAM, **common)
             return
         self.streams["source"] = DataStream(build_source_dataset(cfg, cfg.data.source), stream=SOURCE_STREAM,
@@ -151,8 +164,9 @@ class Trainer:
         if self.method.uses_target:
             if cfg.data.target is None:
                 raise UserError(f"method '{cfg.method.name}' needs data.target")
-            self.streams["target"] = DataStream(build_dataset(cfg.data.target, cfg.data.mean, cfg.data.std),
-                                                stream=TARGET_STREAM, **common)
+            target = (build_pseudo_labelled_dataset(cfg, cfg.data.target) if cfg.data.target.pseudo_labels
+                      else build_dataset(cfg.data.target, cfg.data.mean, cfg.data.std))
+            self.streams["target"] = DataStream(target, stream=TARGET_STREAM, **common)
 
     def _next_batch(self) -> dict:
         batch = {}
