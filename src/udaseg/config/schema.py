@@ -129,6 +129,7 @@ class SelfTrainingConfig:
     color_jitter_strength: float = 0.2
     blur_prob: float = 0.5
     blur_sigma: list[float] = field(default_factory=lambda: [0.15, 1.15])
+    augmentation_draws: Literal["shared", "per_view"] = "shared"  # jitter/blur on-off: one draw per iteration or per view
     feature_distance: FeatureDistanceConfig = field(default_factory=FeatureDistanceConfig)
 
 

@@ -620,7 +620,7 @@ class StrongAugmentedView(Objective):
 
     def prepare(self, ctx: StepContext, batch: dict) -> None:
         source = ctx.view(self.in_view)
-        image = strong_view(ctx, self.self_training, source.image, self.mean, self.std)
+        image = strong_view(ctx, self.self_training, source.image, self.mean, self.std, self.out_view)
         ctx.add_view(self.out_view, image, source.label, source.weight)
 
 
@@ -760,7 +760,8 @@ class SePiCoContrast(Objective):
             pseudo = teacher_pseudo_labels(ctx, self.self_training, self.target_view)
             labels = pseudo["labels"].clone()
             labels[pseudo["weight"] == 0] = IGNORE_INDEX
-            image = strong_view(ctx, self.self_training, ctx.view(self.target_view).image, self.mean, self.std)
+            image = strong_view(ctx, self.self_training, ctx.view(self.target_view).image, self.mean, self.std,
+                                TARGET_STRONG_VIEW)
             ctx.add_view(TARGET_STRONG_VIEW, image, labels)
 
     @torch.no_grad()
