@@ -118,15 +118,16 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     raise UserError(f"config key '{path}' expects {_type_name(tp)}, got {value!r}")
 
 
-def open_sections(cls: type) -> dict[str, type]:
+def open_sections(cls: type, missing: str | None = None) -> dict[str, type]:
     """Sections a dataclass accepts besides its fields (``__open_sections__``: a method's config
-    section under ``method.``); they are stored in its ``sections`` field."""
+    section under ``method.``); they are stored in its ``sections`` field. ``missing`` names a key
+    that was not found, so the provider may look further (installed plugins)."""
     hook = getattr(cls, "__open_sections__", None)
-    return hook() if callable(hook) else {}
+    return hook(missing) if callable(hook) else {}
 
 
-def _field_names(cls: type) -> dict[str, Any]:
-    sections = open_sections(cls)
+def _field_names(cls: type, missing: str | None = None) -> dict[str, Any]:
+    sections = open_sections(cls, missing)
     names: dict[str, Any] = {f.name: f for f in dataclasses.fields(cls) if f.init}
     if sections:
         names.pop("sections", None)
@@ -146,6 +147,9 @@ def from_dict(cls: type, data: dict, path: str = "") -> Any:
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         where = f"{path}.{key}" if path else key
+        if sections and key not in fields:
+            sections = open_sections(cls, str(key))
+            fields = _field_names(cls)
         if key in sections and key not in hints:
             kwargs.setdefault("sections", {})[key] = _convert(value, sections[key], where)
             continue
@@ -219,6 +223,8 @@ def check_override_path(cls: type, keys: list[str]) -> None:
         if not dataclasses.is_dataclass(tp):
             return
         names = _field_names(tp)
+        if key not in names and open_sections(tp):
+            names = _field_names(tp, key)
         if key not in names:
             raise _unknown_key_error(".".join(keys[:depth]), key, names)
         hints = get_type_hints(tp)

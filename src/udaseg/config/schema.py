@@ -148,17 +148,17 @@ class MethodConfig:
     sections: dict = field(default_factory=dict)
 
     @staticmethod
-    def __open_sections__() -> dict:
+    def __open_sections__(missing: Optional[str] = None) -> dict:
         from udaseg.methods import method_sections
 
-        return method_sections()
+        return method_sections(missing)
 
     def __getattr__(self, key: str):
         sections = self.__dict__.get("sections")
         if key.startswith("_") or sections is None:
             raise AttributeError(key)
         if key not in sections:
-            known = MethodConfig.__open_sections__()
+            known = MethodConfig.__open_sections__(key)
             if key not in known:
                 raise AttributeError(f"no config section 'method.{key}'; sections: {', '.join(sorted(known))}")
             sections[key] = known[key]()

@@ -148,9 +148,14 @@ def method_entry(name: str) -> MethodEntry:
     return _REGISTRY[name]
 
 
-def method_sections() -> dict[str, type]:
-    """Config sections owned by registered methods: ``{section key: dataclass}``."""
+def method_sections(missing: Optional[str] = None) -> dict[str, type]:
+    """Config sections owned by registered methods: ``{section key: dataclass}``.
+
+    ``missing``: a key the caller did not find; plugins are looked up again before giving up on it.
+    """
     _ensure_loaded()
+    if missing is not None and missing not in _SECTIONS:
+        _load_plugins()
     return dict(_SECTIONS)
 
 
