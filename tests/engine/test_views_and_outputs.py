@@ -21,7 +21,7 @@ from udaseg.engine.trainer import Trainer
 from udaseg.methods import Method, register_method
 from udaseg.methods.base import SupervisedSegmentation
 from udaseg.methods.dacs import iteration_augmentation_flags
-from udaseg.models import build_model, list_models
+from udaseg.models import build_model
 from udaseg.models.inference import predict_logits, sliding_window_mode
 from udaseg.models.registry import register_model
 
@@ -74,8 +74,14 @@ class DetailSegmentor(nn.Module):
         return box.paste(full, (box.crop(full) + detail) / 2)
 
 
-if "toy_detail" not in list_models():
+@pytest.fixture
+def toy_detail_model():
+    """The toy model registered for one test only (other tests enumerate the registered models)."""
+    from udaseg.models import registry
+
     register_model("toy_detail")(lambda num_classes, **options: DetailSegmentor(num_classes))
+    yield "toy_detail"
+    registry._REGISTRY.pop("toy_detail", None)
 
 
 @register_method("toy_multi_output")
@@ -161,7 +167,7 @@ def test_cache_is_keyed_by_inference_mode():
         ctx.teacher("target", mode="fused")
 
 
-def test_toy_multi_output_model_is_evaluated_with_its_own_inference(fake_domains, tmp_path, capsys):
+def test_toy_multi_output_model_is_evaluated_with_its_own_inference(toy_detail_model, fake_domains, tmp_path):
     cfg = tiny_config("digits_source_only", *fake_domains, tmp_path / "run", iterations=2, model="toy_detail",
                       extra=["method.name=toy_multi_output"])
     trainer = Trainer(cfg, progress=False)
