@@ -9,7 +9,7 @@ from PIL import Image
 from udaseg.cli import main
 from udaseg.config import to_dict
 from udaseg.config.loader import from_dict
-from udaseg.config.schema import Config
+from udaseg.config.schema import Config, PassConfig
 from udaseg.engine import offline
 from udaseg.engine.checkpoint import load_checkpoint
 from udaseg.engine.pipeline import build_stages, run_pipeline
@@ -202,3 +202,48 @@ def test_init_from_loads_weights_only_and_refuses_other_models(fake_domains, tmp
     with pytest.raises(UserError, match="holds no EMA teacher"):
         Trainer(tiny_config("digits_source_only", *fake_domains, tmp_path / "f",
                             extra=[f"model.init_from={checkpoint}", "model.init_from_model=teacher"]), progress=False)
+
+
+def test_class_prototype_pass_matches_a_plain_computation(fake_domains, tmp_path):
+    cfg = tiny_config("digits_source_only", *fake_domains, tmp_path / "run", iterations=1)
+    trainer = Trainer(cfg, progress=False)
+    trainer.train()
+    spec = from_dict(PassConfig, {"name": "protos", "kind": "class_prototypes", "model": "student",
+                                  "options": {"tap": "enc_last"}})
+    ctx = offline.PassContext(spec, cfg, cfg, tmp_path / "run" / "latest.pt", tmp_path / "protos", progress=False)
+    record = offline.run_pass(ctx)
+    assert record["kind"] == "class_prototypes" and (tmp_path / "protos" / "pass.json").is_file()
+    stored = torch.load(tmp_path / "protos" / "prototypes.pt", weights_only=True)
+    segmentor = trainer.model.segmentor.eval()
+    dataset = offline.pass_dataset(ctx, cfg.data.source, labelled=True)
+    sums, counts = {}, {}
+    for i in range(len(dataset)):
+        item = dataset[i]
+        with torch.no_grad():
+            features = segmentor(item["image"][None], taps=("enc_last",)).features["enc_last"][0].double()
+        channels, h, w = features.shape
+        label = item["label"]
+        for y in range(h):
+            for x in range(w):
+                k = int(label[y * label.shape[0] // h, x * label.shape[1] // w])
+                if k == 255:
+                    continue
+                vector = features[:, y, x]
+                sums[k] = sums.get(k, 0) + vector / vector.norm().clamp_min(1e-12)
+                counts[k] = counts.get(k, 0) + 1
+    for k in range(3):
+        assert float(stored["counts"][k]) == counts.get(k, 0)
+        if k in sums:
+            torch.testing.assert_close(stored["prototypes"][k].double(), sums[k] / counts[k], rtol=1e-5, atol=1e-6)
+    # a completed pass is not run again on resume
+    before = (tmp_path / "protos" / "prototypes.pt").stat().st_mtime_ns
+    offline.run_pass(ctx)
+    assert (tmp_path / "protos" / "prototypes.pt").stat().st_mtime_ns == before
+
+
+def test_unknown_pass_kind_is_named(fake_domains, tmp_path):
+    cfg = tiny_config("digits_source_only", *fake_domains, tmp_path / "run", iterations=1)
+    spec = from_dict(PassConfig, {"name": "p", "kind": "pseudo_label"})
+    ctx = offline.PassContext(spec, cfg, cfg, tmp_path / "none.pt", tmp_path / "p", progress=False)
+    with pytest.raises(UserError, match="offline pass 'p': unknown kind 'pseudo_label'; did you mean 'pseudo_labels'"):
+        offline.run_pass(ctx)
