@@ -8,9 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from udaseg.adapt.adversarial import adversarial_losses, frozen
-from udaseg.adapt.step import Need, Objective, OwnedOptimizer, UDAModel
+from udaseg.adapt.step import Need, Objective
 from udaseg.adapt.teacher import EMATeacher
-from udaseg.config.schema import OptimConfig
 from udaseg.engine.checkpoint import load_checkpoint
 from udaseg.engine.trainer import Trainer
 from udaseg.errors import UserError
@@ -19,42 +18,7 @@ from udaseg.methods.base import SupervisedSegmentation
 from udaseg.methods.dacs import PseudoLabelSelfTraining
 
 from .conftest import tiny_config
-
-SOURCE_PROBS = "toy_source_probs"
-
-
-class ToyDiscriminator(Objective):
-    """Output-space adversarial loss with a two-layer discriminator on softmax maps."""
-
-    name = "toy_adversarial"
-
-    def __init__(self, num_classes: int, weight: float = 0.1):
-        super().__init__()
-        self.weight = weight
-        self.discriminator = nn.Sequential(nn.Conv2d(num_classes, 4, 3, stride=2, padding=1), nn.LeakyReLU(0.2),
-                                           nn.Conv2d(4, 1, 3, stride=2, padding=1))
-
-    def needs(self, iteration):
-        return [Need("student", "source"), Need("student", "target")]
-
-    def owned_optimizers(self):
-        optim = OptimConfig(name="adamw", lr=1e-3, betas=[0.9, 0.99], weight_decay=0.0, warmup_iters=0, power=0.9)
-        return {"discriminator": OwnedOptimizer(self.discriminator, optim)}
-
-    def losses(self, ctx, group):
-        if group == "source":
-            ctx.state[SOURCE_PROBS] = ctx.student("source").logits.softmax(1).detach()
-            return {}
-        if group != "target":
-            return {}
-        target_probs = ctx.student("target").logits.softmax(1)
-        generator, discriminator = adversarial_losses(self.discriminator, ctx.state[SOURCE_PROBS], target_probs)
-        return {"adv_g": self.weight * generator, "adv_d": discriminator}
-
-
-@register_method("toy_adversarial")
-def build_toy_adversarial(cfg, segmentor):
-    return Method([SupervisedSegmentation("source"), ToyDiscriminator(cfg.model.num_classes)], uses_target=True)
+from .toy_methods import ToyDiscriminator  # noqa: F401  (registers the method 'toy_adversarial')
 
 
 class BankAfterStep(Objective):
