@@ -22,7 +22,7 @@ objectives that plug all of it into the shared training step (``build_sepico``, 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, Optional, Sequence
 
 import torch
