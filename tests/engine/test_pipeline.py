@@ -139,6 +139,10 @@ def test_stage_config_error_names_the_stage_and_the_key(fake_domains, tmp_path):
     with pytest.raises(UserError, match=r"stage 'selftrain': unknown config key 'train\.iteratons'; did you mean "
                                         r"'train\.iterations'"):
         build_stages(pipeline_config(fake_domains, tmp_path / "run", bad))
+    bad_pass = [STAGES[0], {**STAGES[1], "before": [{"name": "pseudo", "kind": "pseudo_label"}]}]
+    with pytest.raises(UserError, match="stage 'selftrain': offline pass 'pseudo' has an unknown kind 'pseudo_label'; "
+                                        "did you mean 'pseudo_labels'"):
+        build_stages(pipeline_config(fake_domains, tmp_path / "run", bad_pass))
     with pytest.raises(UserError, match="stage name 'a/b'"):
         pipeline_config(fake_domains, tmp_path / "run", [{"name": "a/b"}])
     with pytest.raises(UserError, match="unknown config key 'stages\\[0\\]\\.befor'"):

@@ -94,12 +94,23 @@ def build_stages(cfg: Config) -> list[Stage]:
             stage_cfg = from_dict(Config, data)
         except UserError as error:
             raise UserError(f"stage '{spec.name}': {error}") from None
+        for pass_spec in spec.before:
+            _check_pass_kind(spec.name, pass_spec)
         stages.append(Stage(spec.name, stage_cfg, list(spec.before), overrides))
     names = [p.name for s in stages for p in s.passes]
     for name in names:
         if names.count(name) > 1 or name in seen:
             raise UserError(f"offline pass name '{name}' is used twice (stage and pass folders share train.work_dir)")
     return stages
+
+
+def _check_pass_kind(stage: str, spec: PassConfig) -> None:
+    from udaseg.engine.offline import PASSES
+
+    if spec.kind not in PASSES:
+        hint = closest(spec.kind, PASSES)
+        suffix = f"; did you mean '{hint}'?" if hint else f"; kinds: {', '.join(sorted(PASSES))}"
+        raise UserError(f"stage '{stage}': offline pass '{spec.name}' has an unknown kind '{spec.kind}'{suffix}")
 
 
 def find_stage(stages: list[Stage], name: str) -> int:
