@@ -149,6 +149,11 @@ def test_stage_config_error_names_the_stage_and_the_key(fake_domains, tmp_path):
         pipeline_config(fake_domains, tmp_path / "run", [{"name": "a", "befor": []}])
 
 
+def test_a_pipeline_config_is_not_trained_as_one_run(fake_domains, tmp_path):
+    with pytest.raises(UserError, match="is a pipeline of 2 stages"):
+        Trainer(pipeline_config(fake_domains, tmp_path / "run"), progress=False)
+
+
 def test_missing_offline_pass_output_names_the_file(fake_domains, tmp_path):
     folder = tmp_path / "pseudo"
     (folder / "labels" / "images" / "train").mkdir(parents=True)

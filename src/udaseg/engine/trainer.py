@@ -87,6 +87,9 @@ def amp_dtype(cfg: Config) -> Optional[torch.dtype]:
 
 class Trainer:
     def __init__(self, cfg: Config, resume: Optional[str] = None, progress: bool = True):
+        if cfg.stages:
+            raise UserError(f"config '{cfg.name}' is a pipeline of {len(cfg.stages)} stages: run it with "
+                            "'udaseg train' (udaseg.engine.pipeline.run_pipeline), not as one run")
         self.cfg = cfg
         self.progress = progress
         self.device = dist.local_device(cfg.train.device)
