@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from udaseg.adapt.augment import draw_augmentation_flags
-from udaseg.adapt.geometry import CropBox
+from udaseg.adapt.geometry import CropBox, random_crop_box
 from udaseg.adapt.step import Need, Objective, StepContext, TrainStep, UDAModel, View
 from udaseg.adapt.teacher import EMATeacher
 from udaseg.cli import main
@@ -116,6 +116,16 @@ def test_crop_box_geometry_and_view_boxes():
     assert view.box == box
     with pytest.raises(ValueError, match="different crop boxes"):
         View(torch.zeros(2, 3, 32, 32), boxes=(box, CropBox(0, 0, 32, 32))).box
+
+
+def test_random_crop_boxes_follow_the_divisibility_rule():
+    generator = torch.Generator().manual_seed(0)
+    boxes = [random_crop_box((1024, 1024), (512, 512), 8, generator) for _ in range(400)]
+    tops = {b.top for b in boxes} | {b.left for b in boxes}
+    assert all(t % 8 == 0 for t in tops) and max(tops) == 504 and min(tops) == 0
+    assert all((b.height, b.width) == (512, 512) for b in boxes)
+    small = random_crop_box((16, 16), (32, 32), 8, generator)
+    assert small == CropBox(0, 0, 16, 16)
 
 
 def test_named_outputs_get_their_own_losses_with_labels_cut_to_their_box():

@@ -16,7 +16,9 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional, Sequence
 
+import torch
 from torch import Tensor
 
 
@@ -63,3 +65,19 @@ class CropBox:
         out = canvas.clone()
         out[..., self.top:self.bottom, self.left:self.right] = values
         return out
+
+
+def random_crop_box(image_size: Sequence[int], crop_size: Sequence[int], divisible: int = 1,
+                    generator: Optional[torch.Generator] = None) -> CropBox:
+    """A random ``crop_size`` box inside ``image_size`` whose offsets are multiples of ``divisible``.
+
+    Offsets follow HRDA's ``get_crop_bbox``: ``top = randint(0, (H − h + 1) // d) · d`` with the upper
+    bound excluded (so for a 512 crop of 1024 with d = 8 the largest offset is 504, not 512); an
+    image no larger than the crop gives offset 0. Drawn from ``generator``.
+    """
+    offsets = []
+    for size, crop in zip(image_size, crop_size):
+        choices = max((max(int(size) - int(crop), 0) + 1) // divisible, 1)
+        offsets.append(int(torch.randint(0, choices, (1,), generator=generator)) * divisible)
+    return CropBox(offsets[0], offsets[1], min(int(crop_size[0]), int(image_size[0])),
+                   min(int(crop_size[1]), int(image_size[1])))
