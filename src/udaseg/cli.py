@@ -27,6 +27,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", help="preset name or YAML file")
     p.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="resume from a checkpoint file, or from the latest one in the work dir")
+    p.add_argument("--stage", help="run one stage of a pipeline (with the offline passes before it)")
     p.add_argument("--list", action="store_true", help="list the shipped presets and exit")
     p.add_argument("--print-config", action="store_true", help="print the effective config and exit")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. optim.lr=1e-4")
