@@ -187,11 +187,47 @@ class T2SDAConfig:
 
 
 @dataclass
+class PGPCConfig:
+    """PGPC (pseudo-label guided pixel contrast). Defaults: the paper's values and the spec's choices
+    (docs/methods/pgpc.md)."""
+
+    weight: float = 0.1  # lambda_c
+    target_weight: float = 1.0  # lambda_t: scales the target pixels' weights of the ClassMix CE
+    warmup_iters: int = 20000  # L_c on from this 0-based iteration
+    temperature: float = 0.5
+    proj_dim: int = 256
+    proj_hidden: int = 0  # 0: C_in / number of stages on enc_fused (256 on MiT-B5), else C_in
+    feature: str = "enc_fused"  # encoder tap the projection head reads
+    anchors_per_class: int = 256  # M
+    negatives: int = 512  # N, per anchor class (shared by its anchors)
+    negative_pools: list[str] = field(default_factory=lambda: ["source", "target"])
+    positive: Literal["source_proto", "target_proto"] = "source_proto"
+    selection: Literal["global_entropy", "global_confidence", "classwise_entropy",
+                       "classwise_confidence"] = "global_entropy"
+    proportion: float = 0.5  # eta (entropy) / zeta (confidence)
+    selection_scope: Literal["image", "batch"] = "image"
+    rank: int = 4  # r: target pixels whose top-r classes exclude c are negatives of c
+    exclude_ignored: bool = True  # no anchors in the pseudo-label ignore band
+    anchor_view: Literal["target_strong", "mixed"] = "target_strong"
+    bank_features: Literal["teacher", "student"] = "teacher"
+    bank_start_iter: int = 0
+    source_bank_size: int = 2048  # per class
+    source_enqueue_per_class: int = 128
+    target_bank_size: int = 8192
+    target_enqueue_per_image: int = 1024
+    target_proto_bank_size: int = 2048  # per class, positive=target_proto only
+    target_proto_enqueue_per_class: int = 128
+    label_min_ratio: float = 0.75
+    reduction: Literal["mean", "paper"] = "mean"
+
+
+@dataclass
 class MethodConfig:
-    name: Literal["source_only", "target_oracle", "dacs", "daformer", "sepico", "t2sda"] = "source_only"
+    name: Literal["source_only", "target_oracle", "dacs", "daformer", "sepico", "t2sda", "pgpc"] = "source_only"
     self_training: SelfTrainingConfig = field(default_factory=SelfTrainingConfig)
     sepico: SePiCoConfig = field(default_factory=SePiCoConfig)
     t2sda: T2SDAConfig = field(default_factory=T2SDAConfig)
+    pgpc: PGPCConfig = field(default_factory=PGPCConfig)
 
 
 @dataclass

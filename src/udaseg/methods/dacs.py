@@ -33,6 +33,7 @@ from udaseg.methods.base import segmentation_cross_entropy
 
 AUG_FLAGS = "augmentation_flags"
 PSEUDO = "target_pseudo"
+MIX_MASKS = "class_mix_masks"  # B×H×W bool, True on pasted source pixels of the 'mixed' view
 
 
 def iteration_augmentation_flags(ctx: StepContext, cfg: SelfTrainingConfig) -> tuple[bool, bool]:
@@ -98,6 +99,7 @@ class PseudoLabelSelfTraining(Objective):
         if self.cfg.mix == "class":
             source = ctx.view(self.source_view)
             masks = class_mix_masks(source.label, ctx.generator)
+            ctx.state[MIX_MASKS] = masks
             image = mix(masks, source.image, target.image)
             label = mix(masks, source.label, pseudo["labels"])
             weight = mix(masks, torch.ones_like(pseudo["weight"]), pseudo["weight"])
