@@ -140,12 +140,16 @@ class ClassPixelQueues(nn.Module):
         start = (int(self.next[cls]) - length) % self.capacity
         return self.features[cls, _ring_slots(start, length, self.capacity, self.features.device)]
 
-    def prototypes(self) -> tuple[Tensor, Tensor]:
-        """Class means of the queues (K x D) and which classes have any entry (K bool)."""
-        mask = self.occupied().to(self.features.dtype)
-        sums = (self.features * mask.unsqueeze(2)).sum(1)
-        valid = self.length > 0
-        return sums / self.length.clamp_min(1).unsqueeze(1).to(sums.dtype), valid
+    def prototypes(self, classes: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """Class means of the queues and which classes have any entry: (K x D, K bool), or only the
+        rows of ``classes`` (int64 indices) when given."""
+        index = torch.arange(self.num_classes, device=self.features.device) if classes is None else classes
+        index = index.to(self.features.device)
+        # Unoccupied slots hold zeros (slots fill in order and are only ever overwritten), so the plain
+        # sum over slots is the sum over the queue.
+        sums = self.features[index].sum(1)
+        length = self.length[index]
+        return sums / length.clamp_min(1).unsqueeze(1).to(sums.dtype), length > 0
 
     def sample_excluding(self, cls: int, count: int, generator: Optional[torch.Generator] = None) -> Tensor:
         """Up to ``count`` entries drawn uniformly without replacement from the queues of classes != cls."""

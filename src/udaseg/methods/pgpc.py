@@ -512,16 +512,19 @@ class PGPCContrast(Objective):
         ctx.metrics.update(metrics)
         return {"pgpc_cl": self.cfg.weight * loss}
 
-    def prototypes(self) -> tuple[Tensor, Tensor]:
-        """Positives: K x D class means of the source bank (or of the reliable-target bank) and K valid."""
+    def prototypes(self, classes: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """Positives: class means of the source bank (or of the reliable-target bank) and which exist,
+        for every class (K x D, K) or for ``classes``."""
         bank = self.target_proto_bank if self.target_proto_bank is not None else self.source_bank
-        return bank.prototypes()
+        return bank.prototypes(classes)
 
     def contrast(self, features: Tensor, plan: ContrastPlan) -> tuple[Tensor, dict[str, float]]:
         """Unweighted L_c (Eq. 5) of the student projection ``features`` B x D x h x w for a plan."""
         flat = flatten_pixels(features)
-        prototypes, has_prototype = self.prototypes()
-        classes = [c for c, rows in plan.anchors.items() if bool(has_prototype[c]) and plan.negatives[c].shape[0] > 0]
+        candidates = [c for c in plan.anchors if plan.negatives[c].shape[0] > 0]
+        prototypes, has_prototype = self.prototypes(torch.tensor(candidates, dtype=torch.long))
+        classes = [c for c, ok in zip(candidates, has_prototype.tolist()) if ok]
+        prototypes = prototypes[has_prototype]
         metrics = {"pgpc.classes": float(len(classes)), "pgpc.anchors": 0.0}
         if not classes:
             zero = features.sum() * 0.0
@@ -531,7 +534,7 @@ class PGPCContrast(Objective):
         groups = torch.cat([torch.full((r.numel(),), g, dtype=torch.long, device=flat.device)
                             for g, r in enumerate(rows)])
         negatives, mask = pad_negatives([plan.negatives[c] for c in classes], flat.shape[1], flat.device)
-        positives = prototypes[torch.tensor(classes, device=prototypes.device)].to(flat.device)
+        positives = prototypes.to(flat.device)
         per_anchor = PixelPrototypeContrastLoss(self.cfg.temperature, "none")(anchors, groups, positives,
                                                                               negatives, mask)
         if self.cfg.reduction == "paper":  # 1 / (C * M) * sum, Eq. 5 as printed
