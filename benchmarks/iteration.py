@@ -30,7 +30,8 @@ SETTINGS = {
     "cpu-small": {"daformer": ("daformer_tiny", 128, 2), "deeplabv2": ("deeplabv2_tiny", 128, 2)},
     "paper": {"daformer": ("daformer_mitb5", 640, 2), "deeplabv2": ("deeplabv2_r101_v1c", 512, 2)},
 }
-METHODS = ["source_only", "dacs", "daformer", "sepico_distcl", "sepico_bankcl", "t2sda", "pgpc", "pgpc_cheap"]
+METHODS = ["source_only", "dacs", "daformer", "sepico_distcl", "sepico_bankcl", "t2sda", "pgpc", "pgpc_no_extra_pass"]
+FAMILIES = ["daformer", "deeplabv2"]
 MARKER = "iteration"
 
 
@@ -73,14 +74,14 @@ PRESETS = {
     "sepico_bankcl": {"deeplabv2": "sepico_bankcl_deeplabv2_gta2cs", "daformer": "sepico_bankcl_daformer_gta2cs"},
     "t2sda": {"deeplabv2": "t2sda_deeplabv2_gta2cs", "daformer": "t2sda_daformer_gta2cs"},
     "pgpc": {"deeplabv2": "pgpc_daformer_gta2cs", "daformer": "pgpc_daformer_gta2cs"},
-    "pgpc_cheap": {"deeplabv2": "pgpc_daformer_gta2cs", "daformer": "pgpc_daformer_gta2cs"},
+    "pgpc_no_extra_pass": {"deeplabv2": "pgpc_daformer_gta2cs", "daformer": "pgpc_daformer_gta2cs"},
 }
 # Extra overrides of a method's row. PGPC's default takes anchors from a separate student pass over the
 # strongly augmented target and source bank entries from a no-grad teacher pass over the source; the
-# cheap variant takes anchors from the ClassMix image and bank entries from the student's source pass.
+# no-extra-pass variant takes anchors from the ClassMix image and bank entries from the student's source pass.
 METHOD_OVERRIDES = {
     "pgpc": ["method.pgpc.warmup_iters=0"],
-    "pgpc_cheap": ["method.pgpc.warmup_iters=0", "method.pgpc.anchor_view=mixed", "method.pgpc.bank_features=student"],
+    "pgpc_no_extra_pass": ["method.pgpc.warmup_iters=0", "method.pgpc.anchor_view=mixed", "method.pgpc.bank_features=student"],
 }
 
 
@@ -149,7 +150,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--setting", choices=sorted(SETTINGS), default="cpu-small")
-    parser.add_argument("--families", nargs="+", default=["daformer", "deeplabv2"])
+    parser.add_argument("--families", nargs="+", default=FAMILIES)
     parser.add_argument("--methods", nargs="+", default=METHODS)
     parser.add_argument("--modes", nargs="+", default=["eager", "bf16"], choices=["eager", "bf16", "compile"])
     parser.add_argument("--iterations", type=int, default=5)
@@ -195,7 +196,10 @@ def format_table(results: dict, args) -> str:
     lines = [
         "## Training iteration cost",
         "",
-        f"`python benchmarks/iteration.py --device {args.device} --setting {args.setting} --modes {' '.join(args.modes)}"
+        f"`python benchmarks/iteration.py --device {args.device} --setting {args.setting}"
+        f"{'' if args.families == FAMILIES else ' --families ' + ' '.join(args.families)}"
+        f"{'' if args.methods == METHODS else ' --methods ' + ' '.join(args.methods)}"
+        f" --modes {' '.join(args.modes)}"
         f" --iterations {args.iterations} --rounds {args.rounds}{f' --crop {args.crop}' if args.crop else ''}"
         f"{f' --threads {args.threads}' if args.threads else ''}` on {machine}, torch {torch.__version__}. "
         f"Median seconds per iteration over {args.rounds} interleaved rounds of {args.iterations} iterations "
@@ -204,7 +208,7 @@ def format_table(results: dict, args) -> str:
         "Ratios are against source-only, DACS and DAFormer (DACS + FD) with the same model and mode in the same "
         "run; the SePiCo and PGPC rows have the contrastive terms on (warm-up 0). `pgpc` is the default "
         "(anchors from a separate student pass over the strong target, source bank from a teacher pass); "
-        "`pgpc_cheap` takes anchors from the ClassMix image and the source bank from the student's source "
+        "`pgpc_no_extra_pass` takes anchors from the ClassMix image and the source bank from the student's source "
         "pass (`method.pgpc.anchor_view=mixed method.pgpc.bank_features=student`).",
         "",
         "| model | mode | method | s / iter | × source-only | × DACS | × DAFormer | peak MiB |",

@@ -399,7 +399,7 @@ class PGPCContrast(Objective):
         self.target_bank = RankedPixelQueue(cfg.proj_dim, cfg.target_bank_size, cfg.rank)
         self.target_proto_bank = (ClassPixelQueues(num_classes, cfg.proj_dim, cfg.target_proto_bank_size)
                                   if cfg.positive == "target_proto" else None)
-        self.loss_fn = PixelPrototypeContrastLoss(cfg.temperature)
+        self.loss_fn = PixelPrototypeContrastLoss(cfg.temperature, reduction="none")
 
     def active(self, iteration: int) -> bool:
         return iteration >= self.cfg.warmup_iters
@@ -535,8 +535,7 @@ class PGPCContrast(Objective):
                             for g, r in enumerate(rows)])
         negatives, mask = pad_negatives([plan.negatives[c] for c in classes], flat.shape[1], flat.device)
         positives = prototypes.to(flat.device)
-        per_anchor = PixelPrototypeContrastLoss(self.cfg.temperature, "none")(anchors, groups, positives,
-                                                                              negatives, mask)
+        per_anchor = self.loss_fn(anchors, groups, positives, negatives, mask)
         if self.cfg.reduction == "paper":  # 1 / (C * M) * sum, Eq. 5 as printed
             loss = per_anchor.sum() / (self.num_classes * self.cfg.anchors_per_class)
         else:
