@@ -329,3 +329,15 @@ def test_crop_not_divisible_by_the_projection_stride_is_rejected():
     cfg = step_config(["data.source.crop_size=[30, 32]"])
     with pytest.raises(UserError, match="data.source.crop_size"):
         build_method(cfg, build_model("daformer_tiny", 3))
+
+
+def test_cli_reports_a_bad_pgpc_setting_in_one_line_with_exit_2(tmp_path, capsys):
+    from udaseg.cli import main
+
+    argv = ["train", "--config", "pgpc_daformer_gta2cs", "model.name=daformer_tiny", "model.pretrained=",
+            f"train.work_dir={tmp_path / 'run'}", "method.pgpc.rank=19"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "method.pgpc.rank=19" in err and len(err.splitlines()) == 1
+    assert main(["train", "--config", "pgpc_daformer_gta2cs", "method.pgpc.rnak=3"]) == 2
+    assert "method.pgpc.rank" in capsys.readouterr().err

@@ -352,7 +352,6 @@ def pad_negatives(negatives: Sequence[Tensor], dim: int, device: torch.device) -
 class ContrastPlan:
     anchors: dict[int, Tensor]  # class -> flat anchor positions on the anchor view's grid
     negatives: dict[int, Tensor]  # class -> N_c x D detached negatives
-    reliable_fraction: float
 
 
 def labels_at_grid(labels: Tensor, feature_size: Sequence[int], num_classes: int, min_ratio: float) -> Tensor:
@@ -444,7 +443,7 @@ class PGPCContrast(Objective):
             anchors = sample_anchor_indices(maps.labels, candidates, self.num_classes, cfg.anchors_per_class,
                                             generator)
             negatives = {cls: self.sample_negatives(cls, generator) for cls in anchors}
-            ctx.state[PLAN] = ContrastPlan(anchors, negatives, float(reliable.float().mean()))
+            ctx.state[PLAN] = ContrastPlan(anchors, negatives)
             if self.anchor_view == TARGET_STRONG_VIEW:
                 image = strong_view(ctx, self.self_training, ctx.view(self.target_view).image, self.mean, self.std)
                 ctx.add_view(TARGET_STRONG_VIEW, image)
