@@ -341,3 +341,36 @@ def test_cli_reports_a_bad_pgpc_setting_in_one_line_with_exit_2(tmp_path, capsys
     assert "method.pgpc.rank=19" in err and len(err.splitlines()) == 1
     assert main(["train", "--config", "pgpc_daformer_gta2cs", "method.pgpc.rnak=3"]) == 2
     assert "method.pgpc.rank" in capsys.readouterr().err
+
+
+def test_contrast_skips_classes_without_prototype_and_follows_the_reduction():
+    from udaseg.methods.pgpc import ContrastPlan, PixelPrototypeContrastLoss
+
+    gen = torch.Generator().manual_seed(0)
+    features = torch.nn.functional.normalize(torch.randn(1, 16, 2, 4, generator=gen), dim=1).requires_grad_()
+    negatives = {0: torch.randn(5, 16, generator=gen), 2: torch.randn(3, 16, generator=gen)}
+    plan = ContrastPlan({0: torch.tensor([1, 6, 3]), 2: torch.tensor([0, 2])}, negatives)
+    for reduction in ("mean", "paper"):
+        cfg = step_config([f"method.pgpc.reduction={reduction}"])
+        contrast = PGPCContrast(cfg.method.pgpc, cfg.method.self_training, 3, cfg.data.mean, cfg.data.std)
+        bank_features = torch.randn(4, 16, generator=gen)
+        contrast.source_bank.push(bank_features, torch.tensor([0, 0, 1, 1]), per_class=10)  # class 2: no prototype
+        loss, metrics = contrast.contrast(features, plan)
+        anchors = features.detach().permute(0, 2, 3, 1).reshape(-1, 16)[torch.tensor([1, 6, 3])]
+        per_anchor = PixelPrototypeContrastLoss(0.5, "none")(anchors, torch.zeros(3, dtype=torch.long),
+                                                             bank_features[:2].mean(0, keepdim=True),
+                                                             negatives[0].unsqueeze(0))
+        expected = per_anchor.mean() if reduction == "mean" else per_anchor.sum() / (3 * 6)
+        torch.testing.assert_close(loss.detach(), expected)
+        assert metrics["pgpc.classes"] == 1 and metrics["pgpc.anchors"] == 3
+    loss.backward()
+    assert features.grad is not None and float(features.grad.abs().sum()) > 0
+
+
+def test_eta_zero_selects_no_anchor_and_the_term_vanishes():
+    cfg = step_config(["method.pgpc.proportion=0"])
+    model, teacher, method = build(cfg)
+    step = TrainStep(model, teacher, method.objectives, 3)
+    step.run(make_batch(0), 0, torch.Generator().manual_seed(0))
+    result = step.run(make_batch(1), 1, torch.Generator().manual_seed(1))
+    assert result.losses["target_strong.pgpc_cl"] == 0.0 and result.metrics["pgpc.anchors"] == 0
