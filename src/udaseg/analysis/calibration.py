@@ -44,13 +44,14 @@ class ReliabilityAccumulator:
     @torch.no_grad()
     def update(self, confidence: Tensor, correct: Tensor) -> None:
         """``confidence`` in [0, 1] and boolean ``correct`` of the same shape (valid pixels only)."""
+        # the threshold test runs in the confidences' own precision, as the pseudo-label weight does
+        above = (confidence.detach().reshape(-1) >= self.threshold).cpu()
         conf = confidence.detach().reshape(-1).to("cpu", torch.float64)
         hit = correct.detach().reshape(-1).to("cpu", torch.float64)
         index = (conf * self.bins).long().clamp_(0, self.bins - 1)
         self.counts.index_add_(0, index, torch.ones_like(conf))
         self.confidence_sums.index_add_(0, index, conf)
         self.correct.index_add_(0, index, hit)
-        above = conf >= self.threshold
         self.above_threshold += int(above.sum())
         self.correct_above_threshold += int(hit[above].sum())
 
