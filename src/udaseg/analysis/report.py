@@ -109,21 +109,24 @@ def render_html(folder: Path, report: dict, figures: dict[str, str]) -> str:
                  "both. src–tgt cos: cosine between the source and target centre of each class, averaged. "
                  "ECE and the share of pixels above the pseudo-label threshold δ (and how many of them are right) "
                  "are for the model that makes pseudo-labels (the EMA teacher when there is one).</p>")
-    for key, caption in (("tsne", "t-SNE of class-balanced pixel samples; dots: source, crosses: target."),
-                         ("iou", "Per-class IoU on the target."),
-                         ("ccd", "Class centre distance per class on the target (lower is better)."),
-                         ("pdd", "Pixel discrimination distance per class on the target (lower is better)."),
-                         ("similarity", "Cosine similarity of source and target class centres (higher is closer)."),
-                         ("reliability", "Reliability of the pseudo-labelling model on the target: pixel accuracy "
-                                         "per confidence bin, the diagonal is perfect calibration.")):
+    for key, title, caption in (
+            ("tsne", "t-SNE of pixel embeddings", "Class-balanced pixel samples; dots: source, crosses: target."),
+            ("iou", "Per-class IoU", "On the target; the legend gives each model's mIoU."),
+            ("ccd", "Class centre distance (CCD)", "Per class on the target; lower is more discriminative."),
+            ("pdd", "Pixel discrimination distance (PDD)", "Per class on the target; lower is more discriminative."),
+            ("similarity", "Source–target similarity", "Cosine of each class's source and target centres; "
+                                                      "higher means the domains' class features are closer."),
+            ("reliability", "Reliability of the pseudo-labels", "Pixel accuracy of the pseudo-labelling model "
+                                                                "per confidence bin on the target; the diagonal "
+                                                                "is perfect calibration, the red line δ.")):
         if key in figures:
-            parts.append(f"<h2>{esc(key)}</h2>" + _figure(folder, figures[key], caption))
-    parts.append("<h2>confusion matrices</h2>")
+            parts.append(f"<h2>{esc(title)}</h2>" + _figure(folder, figures[key], caption))
+    parts.append("<h2>Confusion matrices (target)</h2>")
     for m in models:
         parts.append(_figure(folder, m["files"]["confusion_png"],
                              f"{esc(m['label'])}: row-normalised (% of each ground-truth class); counts in "
                              f"<a href='{esc(m['files']['confusion_json'])}'>{esc(m['files']['confusion_json'])}</a>."))
-    parts.append("<h2>per class</h2>")
+    parts.append("<h2>Per class (target)</h2>")
     header = ["class"] + [f"{m['label']} {what}" for m in models for what in ("IoU", "CCD", "PDD", "cos")]
     rows = []
     for c, name in enumerate(names):
@@ -134,8 +137,8 @@ def render_html(folder: Path, report: dict, figures: dict[str, str]) -> str:
         rows.append(row)
     parts.append(_table(header, rows))
     if report.get("warnings"):
-        parts.append("<h2>warnings</h2>" + "".join(f"<p class='warn'>{esc(w)}</p>" for w in report["warnings"]))
-    parts.append("<h2>files</h2><ul>" + "".join(f"<li><a href='{esc(f)}'>{esc(f)}</a></li>"
+        parts.append("<h2>Warnings</h2>" + "".join(f"<p class='warn'>{esc(w)}</p>" for w in report["warnings"]))
+    parts.append("<h2>Files</h2><ul>" + "".join(f"<li><a href='{esc(f)}'>{esc(f)}</a></li>"
                                                for f in report["files"]) + "</ul>")
     parts.append("</body></html>")
     return "\n".join(parts)
