@@ -4,7 +4,6 @@ and one-line errors for bad input."""
 import json
 import re
 from html.parser import HTMLParser
-from pathlib import Path
 
 import pytest
 import torch

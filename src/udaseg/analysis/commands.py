@@ -300,8 +300,10 @@ def run_analyze(args: argparse.Namespace) -> int:
 
     entries, warnings, tsne_panels = [], [], []
     taken: set[str] = set()
-    for position, (model, tap) in enumerate(zip(models, taps)):
-        print(f"udaseg analyze: [{position + 1}/{len(models)}] {model.label} ({model.path}), tap {tap.describe()}",
+    total = len(models)
+    for position, tap in enumerate(taps):
+        model = models.pop(0)  # each network is released once analysed
+        print(f"udaseg analyze: [{position + 1}/{total}] {model.label} ({model.path}), tap {tap.describe()}",
               flush=True)
         entry, domains = analyze_model(model, tap, data_cfg, datasets, dataset_names, indices, args, device, names)
         entry["slug"] = _slug(model.label, taken)
@@ -315,7 +317,6 @@ def run_analyze(args: argparse.Namespace) -> int:
             tsne_panels.append({"label": model.label, "coords": coords, "classes": points[1], "domains": points[2]})
             entry["tsne"] = {"points": int(len(points[1])), "classes": sorted(int(c) for c in np.unique(points[1]))}
         entries.append(entry)
-        del model.student, model.teacher
     for line in warnings:
         print(f"udaseg analyze: warning: {line}", file=sys.stderr)
     files = write_report(out, entries, names, class_set.palette, tsne_panels, warnings, {
