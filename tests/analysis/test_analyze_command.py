@@ -4,6 +4,7 @@ and one-line errors for bad input."""
 import json
 import re
 from html.parser import HTMLParser
+from pathlib import Path
 
 import pytest
 import torch
@@ -176,3 +177,27 @@ def test_select_indices_is_a_seeded_subset():
     subset = select_indices(100, 10, 3)
     assert subset == sorted(subset) and len(set(subset)) == 10 and subset == select_indices(100, 10, 3)
     assert subset != select_indices(100, 10, 4)
+
+
+def test_digits_analysis_section_is_built_from_the_report(report, tmp_path):
+    import argparse
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "digits_analysis.py"
+    spec = importlib.util.spec_from_file_location("digits_analysis", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    data = json.loads((report / "analysis.json").read_text())
+    args = argparse.Namespace(iterations=600, seed=0, threads=1, analysis_minutes=1.25)
+    text = module.markdown(data, "python benchmarks/digits_analysis.py --write docs/DIGITS.md", args, "images/x")
+    assert "python benchmarks/digits_analysis.py --write docs/DIGITS.md" in text and "**600 iterations**" in text
+    for model in data["models"]:
+        assert f"| {model['label']} | {100 * model['target_eval']['miou']:.1f} |" in text
+    for name in module.FIGURES:
+        assert f"(images/x/{name})" in text
+    page = tmp_path / "DIGITS.md"
+    page.write_text("# Digits\n\n<!-- digits_analysis:start -->\nold\n<!-- digits_analysis:end -->\n\ntail\n")
+    from udaseg.bench import write_section
+
+    write_section(page, module.MARKER, text)
+    assert "\nold\n" not in page.read_text() and page.read_text().endswith("tail\n")

@@ -118,13 +118,14 @@ def _class_indices(requested: Optional[Sequence[str]], names: Sequence[str]) -> 
 
 
 def _labels(paths: Sequence[str], names: Optional[Sequence[str]], models: Sequence[AnalysisModel]) -> list[str]:
+    """The figure label of each checkpoint; a repeated label gets the checkpoint's folder and file name."""
     labels = list(names) if names else [m.label for m in models]
-    seen: dict[str, int] = {}
+    seen: set[str] = set()
     unique = []
     for label, path in zip(labels, paths):
         if label in seen:
             label = f"{label} ({Path(path).parent.name}/{Path(path).name})"
-        seen[label] = 1
+        seen.add(label)
         unique.append(label)
     return unique
 
