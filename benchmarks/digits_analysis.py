@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -76,6 +77,11 @@ def train_all(args: argparse.Namespace) -> list[Path]:
     return checkpoints
 
 
+def _child_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def fmt(value, scale: float = 1.0, digits: int = 1) -> str:
     return "–" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{scale * value:.{digits}f}"
 
@@ -98,7 +104,8 @@ def markdown(report: dict, command: str, args: argparse.Namespace, image_dir: st
         f"DeepLab-V2 that is the last encoder stage, stride 4, which SePiCo's projection head also reads); "
         f"labels on the feature grid by the `{settings['label_rule']}` rule (min ratio {settings['min_ratio']}). "
         f"The analysis itself (three checkpoints, t-SNE included) took {args.analysis_minutes:.1f} min wall "
-        f"time with {args.threads} torch thread on that machine.",
+        f"time and {args.analysis_cpu_minutes:.1f} min of CPU time with {args.threads} thread on that machine "
+        f"(load average {args.load_average:.1f} when it started).",
         "",
         "| model | mIoU | mAcc | aAcc | CCD ↓ (target) | PDD ↓ (target) | CCD (source) | src–tgt centre cos ↑ | "
         "pseudo-labeller ECE | ≥δ pixels / right |",
@@ -146,9 +153,11 @@ def main(argv: list[str] | None = None) -> int:
                str(args.seed), "--no-progress"]
     for preset, checkpoint in zip(args.presets, checkpoints):
         analyze += ["--checkpoint", str(checkpoint), "--name", LABELS.get(preset, preset)]
-    start = time.perf_counter()
+    start, cpu_start, load = time.perf_counter(), _child_cpu_seconds(), os.getloadavg()[0]
     udaseg(analyze, args.threads)
     args.analysis_minutes = (time.perf_counter() - start) / 60
+    args.analysis_cpu_minutes = (_child_cpu_seconds() - cpu_start) / 60
+    args.load_average = load
     print(f"report: {out / 'report.html'} ({args.analysis_minutes:.1f} min)")
     if args.write:
         report = json.loads((out / "analysis.json").read_text())

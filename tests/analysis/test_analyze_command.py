@@ -188,7 +188,8 @@ def test_digits_analysis_section_is_built_from_the_report(report, tmp_path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     data = json.loads((report / "analysis.json").read_text())
-    args = argparse.Namespace(iterations=600, seed=0, threads=1, analysis_minutes=1.25)
+    args = argparse.Namespace(iterations=600, seed=0, threads=1, analysis_minutes=1.25, analysis_cpu_minutes=1.0,
+                              load_average=2.0)
     text = module.markdown(data, "python benchmarks/digits_analysis.py --write docs/DIGITS.md", args, "images/x")
     assert "python benchmarks/digits_analysis.py --write docs/DIGITS.md" in text and "**600 iterations**" in text
     for model in data["models"]:
@@ -201,3 +202,12 @@ def test_digits_analysis_section_is_built_from_the_report(report, tmp_path):
 
     write_section(page, module.MARKER, text)
     assert "\nold\n" not in page.read_text() and page.read_text().endswith("tail\n")
+
+
+def test_same_seed_same_report(report, checkpoints, tmp_path):
+    argv = ["analyze", "--checkpoint", str(checkpoints["source_only"]), "--checkpoint", str(checkpoints["sepico"]),
+            "--name", "source only", "--name", "SePiCo", "--out", str(tmp_path), "--per-class", "10",
+            "--metric-pixels", "40", "--min-pixels", "5", "--perplexity", "5", "--no-progress"]
+    assert main(argv) == 0
+    for name in ("analysis.json", "tsne.png", "reliability.png"):
+        assert (tmp_path / name).read_bytes() == (report / name).read_bytes(), name
