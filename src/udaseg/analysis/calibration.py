@@ -44,16 +44,17 @@ class ReliabilityAccumulator:
     @torch.no_grad()
     def update(self, confidence: Tensor, correct: Tensor) -> None:
         """``confidence`` in [0, 1] and boolean ``correct`` of the same shape (valid pixels only)."""
-        # the threshold test runs in the confidences' own precision, as the pseudo-label weight does
-        above = (confidence.detach().reshape(-1) >= self.threshold).cpu()
-        conf = confidence.detach().reshape(-1).to("cpu", torch.float64)
-        hit = correct.detach().reshape(-1).to("cpu", torch.float64)
+        # per-bin sums are formed on the inputs' device; only K-sized histograms reach the host.
+        # The threshold test runs in the confidences' own precision, as the pseudo-label weight does.
+        above = confidence.detach().reshape(-1) >= self.threshold
+        conf = confidence.detach().reshape(-1).double()
+        hit = correct.detach().reshape(-1).bool()
         index = (conf * self.bins).long().clamp_(0, self.bins - 1)
-        self.counts.index_add_(0, index, torch.ones_like(conf))
-        self.confidence_sums.index_add_(0, index, conf)
-        self.correct.index_add_(0, index, hit)
+        self.counts += torch.bincount(index, minlength=self.bins).cpu().double()
+        self.confidence_sums += torch.bincount(index, weights=conf, minlength=self.bins).cpu()
+        self.correct += torch.bincount(index, weights=hit.double(), minlength=self.bins).cpu()
         self.above_threshold += int(above.sum())
-        self.correct_above_threshold += int(hit[above].sum())
+        self.correct_above_threshold += int((hit & above).sum())
 
     @torch.no_grad()
     def update_from_logits(self, logits: Tensor, labels: Tensor, ignore_index: int = 255) -> None:

@@ -52,7 +52,8 @@ class ClassFeatureStatistics:
     """Streaming per-class pixel count, feature sum and sum of squared norms (float64).
 
     Exact over any number of :meth:`update` calls, so centres and CCD cover every labelled pixel of a
-    dataset without keeping the features.
+    dataset without keeping the features. The sums stay on the device of the first update (a GPU
+    pass moves no feature maps to the host); results are returned on the CPU.
     """
 
     def __init__(self, num_classes: int, dim: int) -> None:
@@ -61,6 +62,7 @@ class ClassFeatureStatistics:
         self.counts = torch.zeros(num_classes, dtype=torch.float64)
         self.sums = torch.zeros(num_classes, dim, dtype=torch.float64)
         self.squared_norms = torch.zeros(num_classes, dtype=torch.float64)
+        self._placed = False
 
     @torch.no_grad()
     def update(self, features: Tensor, labels: Tensor) -> None:
@@ -68,22 +70,31 @@ class ClassFeatureStatistics:
         if features.shape[0] != labels.shape[0] or features.shape[1] != self.dim:
             raise ValueError(f"features {tuple(features.shape)} do not match labels {tuple(labels.shape)} "
                              f"and dim {self.dim}")
-        feats = features.detach().to("cpu", torch.float64)
-        index = labels.detach().to("cpu", torch.int64)
+        if not self._placed:
+            device = features.device
+            self.counts, self.sums, self.squared_norms = (t.to(device) for t in (self.counts, self.sums,
+                                                                                  self.squared_norms))
+            self._placed = True
+        feats = features.detach().to(self.sums.device, torch.float64)
+        index = labels.detach().to(self.sums.device, torch.int64)
         self.counts.index_add_(0, index, torch.ones_like(index, dtype=torch.float64))
         self.sums.index_add_(0, index, feats)
         self.squared_norms.index_add_(0, index, (feats * feats).sum(1))
 
+    def pixel_counts(self) -> list[int]:
+        return [int(c) for c in self.counts.tolist()]
+
     def centres(self) -> Tensor:
-        """``K×D`` class means; NaN rows for classes without pixels."""
-        centres = self.sums / self.counts[:, None]
-        centres[self.counts == 0] = float("nan")
+        """``K×D`` class means (CPU); NaN rows for classes without pixels."""
+        counts = self.counts.cpu()
+        centres = self.sums.cpu() / counts[:, None]
+        centres[counts == 0] = float("nan")
         return centres
 
     def intra_class_variance(self) -> Tensor:
-        """``K``: mean squared distance of a class's pixels to its centre, ``q/n − ||μ||²``."""
+        """``K`` (CPU): mean squared distance of a class's pixels to its centre, ``q/n − ||μ||²``."""
         centres = self.centres()
-        variance = self.squared_norms / self.counts - (centres * centres).sum(1)
+        variance = self.squared_norms.cpu() / self.counts.cpu() - (centres * centres).sum(1)
         return variance.clamp_min(0.0)
 
 

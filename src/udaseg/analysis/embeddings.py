@@ -219,5 +219,4 @@ def extract_features(model: UDAModel, dataset, indices: list[int], tap: FeatureT
         valid = (cells != ignore) & (cells >= 0) & (cells < num_classes)
         stats.update(flat[valid], cells[valid])
         reservoir.add(flat[valid], cells[valid])
-    pixels = [int(c) for c in stats.counts.tolist()]
-    return DomainFeatures(name, len(indices), stats, reservoir, pixels)
+    return DomainFeatures(name, len(indices), stats, reservoir, stats.pixel_counts())

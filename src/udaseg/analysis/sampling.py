@@ -37,15 +37,18 @@ class ClassBalancedReservoir:
 
     @torch.no_grad()
     def add(self, features: Tensor, labels: Tensor) -> None:
-        """``features: N×D`` and ``labels: N`` in ``[0, K)``."""
-        feats = features.detach().to("cpu", torch.float32)
-        labels = labels.detach().to("cpu", torch.int64)
-        priority = torch.rand(labels.shape[0], generator=self.generator, dtype=torch.float64)
+        """``features: N×D`` and ``labels: N`` in ``[0, K)``, on any device; only the at most
+        ``capacity`` candidates per class that can enter the sample are copied to the host."""
+        feats = features.detach()
+        labels = labels.detach().to(torch.int64)
+        priority = torch.rand(labels.shape[0], generator=self.generator, dtype=torch.float64).to(labels.device)
         for c in labels.unique().tolist():
-            mask = labels == c
-            self.seen[c] += int(mask.sum())
-            keys = torch.cat([self.priorities[c], priority[mask]])
-            values = torch.cat([self.features[c], feats[mask]])
+            index = torch.nonzero(labels == c)[:, 0]
+            self.seen[c] += int(index.numel())
+            if index.numel() > self.capacity:
+                index = index[priority[index].topk(self.capacity, largest=False).indices]
+            keys = torch.cat([self.priorities[c], priority[index].cpu()])
+            values = torch.cat([self.features[c], feats[index].to("cpu", torch.float32)])
             if keys.numel() > self.capacity:
                 keep = keys.topk(self.capacity, largest=False).indices
                 keys, values = keys[keep], values[keep]
