@@ -94,6 +94,8 @@ def _add_analyze(p: argparse.ArgumentParser) -> None:
                                           "checkpoint's config)")
     p.add_argument("--source", metavar="NAME[:SPLIT]", help="source dataset (default: data.source)")
     p.add_argument("--target", metavar="NAME[:SPLIT]", help="labelled target dataset (default: data.val[0])")
+    p.add_argument("--source-root", metavar="DIR", help="root folder of the source dataset")
+    p.add_argument("--target-root", metavar="DIR", help="root folder of the target dataset")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--tap", default="decoder",
                    help="embedding: encoder | decoder | projection[:HEAD] | enc1..enc4 | enc_fused (default: decoder)")

@@ -131,6 +131,9 @@ def test_target_without_labels(checkpoints, tmp_path, capsys):
     err = one_line_error(["analyze", "--checkpoint", str(checkpoints["source_only"]), "--out", str(tmp_path / "o"),
                           "--config", str(config)], capsys)
     assert "label" in err and str(unlabelled) in err
+    err = one_line_error(["analyze", "--checkpoint", str(checkpoints["source_only"]), "--out", str(tmp_path / "o"),
+                          "--target", "folder:val", "--target-root", str(unlabelled)], capsys)
+    assert "labels" in err and str(unlabelled) in err
 
 
 def test_too_few_pixels_of_a_requested_class(checkpoints, tmp_path, capsys):

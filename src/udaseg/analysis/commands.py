@@ -70,7 +70,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise UserError(f"{len(args.name)} --name values for {len(args.checkpoint)} checkpoints")
 
 
-def _dataset_spec(base: Optional[DatasetConfig], choice: Optional[str], role: str) -> DatasetConfig:
+def _dataset_spec(base: Optional[DatasetConfig], choice: Optional[str], role: str,
+                  root: Optional[str] = None) -> DatasetConfig:
     if choice:
         name, _, split = choice.partition(":")
         if not name:
@@ -82,6 +83,8 @@ def _dataset_spec(base: Optional[DatasetConfig], choice: Optional[str], role: st
     else:
         raise UserError(f"the config has no {role} dataset ({'data.val is empty' if role == 'target' else 'data.source'}); "
                         f"give one with --{role} NAME[:SPLIT]")
+    if root:
+        spec.root = root
     spec.labelled = True
     spec.crop_size, spec.flip, spec.rcs.enabled = None, False, False
     return spec
@@ -286,8 +289,9 @@ def run_analyze(args: argparse.Namespace) -> int:
             raise UserError(f"{m.path} predicts {m.cfg.model.num_classes} classes, the data config has {num_classes}")
     check_writable(out)
 
-    specs = {"source": _dataset_spec(data_cfg.data.source, args.source, "source"),
-             "target": _dataset_spec(data_cfg.data.val[0] if data_cfg.data.val else None, args.target, "target")}
+    specs = {"source": _dataset_spec(data_cfg.data.source, args.source, "source", args.source_root),
+             "target": _dataset_spec(data_cfg.data.val[0] if data_cfg.data.val else None, args.target, "target",
+                                     args.target_root)}
     datasets = {role: _build_labelled(data_cfg, spec) for role, spec in specs.items()}
     dataset_names = {role: f"{spec.name}:{spec.split}" for role, spec in specs.items()}
     class_set = datasets["target"].classes
