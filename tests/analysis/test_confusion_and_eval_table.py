@@ -54,7 +54,7 @@ def test_mmseg_printout_has_per_class_iou_and_acc_and_the_summary():
                                aacc=4 / 7, miou=(0.5 + 1 / 3) / 2, macc=(2 / 3 + 0.5) / 2, classes=[0, 2])
     lines = text.splitlines()
     assert lines[0] == "per class results:" and "Summary:" in lines
-    assert "| Class | IoU   | Acc   |" in lines
-    assert "| road  | 50.00 | 66.67 |" in lines and "| sky   | nan   | nan   |" in lines
+    assert "| Class |  IoU  |  Acc  |" in lines
+    assert "| road  | 50.00 | 66.67 |" in lines and "|  sky  |  nan  |  nan  |" in lines
     assert not any("car" in line for line in lines)  # outside the protocol's classes
     assert "| 57.14 | 41.67 | 58.33 |" in lines

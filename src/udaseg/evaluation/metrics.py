@@ -158,14 +158,15 @@ def normalised_confusion(matrix: Union[torch.Tensor, Sequence[Sequence[int]]]) -
 
 def format_mmseg_tables(names: Sequence[str], iou: Sequence[float], accuracy: Sequence[float], aacc: float,
                         miou: float, macc: float, classes: Optional[Sequence[int]] = None) -> str:
-    """mmseg's evaluation printout: per-class IoU and Acc, then aAcc, mIoU and mAcc (percent, 2 decimals).
+    """mmseg's evaluation printout: per-class IoU and Acc, then aAcc, mIoU and mAcc (percent, 2 decimals,
+    centred cells as mmseg's PrettyTable prints them).
 
     ``iou`` and ``accuracy`` are fractions per class (NaN: undefined, printed ``nan`` as mmseg does);
     ``classes`` restricts the per-class rows to the protocol's subset (all by default). Example::
 
         per class results:
         +------------+-------+-------+
-        | Class      | IoU   | Acc   |
+        |   Class    |  IoU  |  Acc  |
         +------------+-------+-------+
         | background | 97.10 | 99.02 |
         ...
@@ -191,7 +192,7 @@ def _ascii_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     rule = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
 
     def line(cells: Sequence[str]) -> str:
-        return "|" + "|".join(f" {str(cell):<{w}} " for cell, w in zip(cells, widths)) + "|"
+        return "|" + "|".join(f" {str(cell):^{w}} " for cell, w in zip(cells, widths)) + "|"
 
     return "\n".join([rule, line(header), rule, *[line(r) for r in rows], rule])
 
