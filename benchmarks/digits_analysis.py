@@ -6,9 +6,9 @@
    into ``WORK/<preset>``, unless a finished run of that budget is already there;
 2. runs ``udaseg analyze`` on the final checkpoints (students; features at ``--tap``), source
    ``digits-clean:val`` against the preset's target validation split;
-3. with ``--write``: copies the figures into ``docs/images/analysis/`` and replaces the section
-   between ``<!-- digits_analysis:start -->`` and ``<!-- digits_analysis:end -->`` of the markdown
-   file with the command, the budget and the numbers of ``analysis.json``.
+3. with ``--write``: copies the figures into ``docs/images/analysis/<domain>/`` and replaces the
+   section between ``<!-- digits_analysis_<domain>:start -->`` and ``<!-- digits_analysis_<domain>:end -->``
+   of the markdown file with the command, the budget and the numbers of ``analysis.json``.
 
 Re-running with another recipe or budget re-trains only what is missing (the work folder name holds
 the budget).
@@ -33,7 +33,10 @@ sys.path.insert(0, str(ROOT / "src"))
 PRESETS = ["digits_source_only", "digits_dacs", "digits_sepico_distcl"]
 LABELS = {"digits_source_only": "source only", "digits_dacs": "DACS", "digits_sepico_distcl": "SePiCo DistCL"}
 FIGURES = ["tsne.png", "iou.png", "ccd.png", "pdd.png", "similarity.png", "reliability.png"]
-MARKER = "digits_analysis"
+
+
+def marker(domain: str) -> str:
+    return f"digits_analysis_{domain}"
 
 
 def udaseg(args: list[str], threads: int, log: Path | None = None) -> None:
@@ -90,7 +93,7 @@ def markdown(report: dict, command: str, args: argparse.Namespace, image_dir: st
     models = report["models"]
     settings = report["settings"]
     lines = [
-        "## Feature analysis: source only, DACS, SePiCo DistCL",
+        f"## Feature analysis on `{args.domain}`: source only, DACS, SePiCo DistCL",
         "",
         f"Produced by one command (it trains what is missing, then runs `udaseg analyze`):",
         "",
@@ -143,8 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tap", default="decoder")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "digits_analysis")
     parser.add_argument("--write", type=Path, help="markdown file whose analysis section is replaced")
-    parser.add_argument("--images", type=Path, default=ROOT / "docs" / "images" / "analysis",
-                        help="where --write copies the figures")
+    parser.add_argument("--images", type=Path, default=None,
+                        help="where --write copies the figures (default: docs/images/analysis/<domain>)")
     args = parser.parse_args(argv)
 
     checkpoints = train_all(args)
@@ -160,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     args.load_average = load
     print(f"report: {out / 'report.html'} ({args.analysis_minutes:.1f} min)")
     if args.write:
+        args.images = args.images or ROOT / "docs" / "images" / "analysis" / args.domain
         report = json.loads((out / "analysis.json").read_text())
         args.images.mkdir(parents=True, exist_ok=True)
         for name in FIGURES:
@@ -170,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             f" --iterations {args.iterations}" if args.iterations != 600 else "") + (
             f" --domain {args.domain}" if args.domain != "digits-photo" else "")
         image_dir = os.path.relpath(args.images, args.write.parent)
-        write_section(args.write, MARKER, markdown(report, command, args, image_dir))
+        write_section(args.write, marker(args.domain), markdown(report, command, args, image_dir))
         print(f"updated {args.write} and {args.images}")
     return 0
 

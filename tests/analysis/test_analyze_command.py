@@ -192,7 +192,7 @@ def test_digits_analysis_section_is_built_from_the_report(report, tmp_path):
     spec.loader.exec_module(module)
     data = json.loads((report / "analysis.json").read_text())
     args = argparse.Namespace(iterations=600, seed=0, threads=1, analysis_minutes=1.25, analysis_cpu_minutes=1.0,
-                              load_average=2.0)
+                              load_average=2.0, domain="digits-photo")
     text = module.markdown(data, "python benchmarks/digits_analysis.py --write docs/DIGITS.md", args, "images/x")
     assert "python benchmarks/digits_analysis.py --write docs/DIGITS.md" in text and "**600 iterations**" in text
     for model in data["models"]:
@@ -200,10 +200,11 @@ def test_digits_analysis_section_is_built_from_the_report(report, tmp_path):
     for name in module.FIGURES:
         assert f"(images/x/{name})" in text
     page = tmp_path / "DIGITS.md"
-    page.write_text("# Digits\n\n<!-- digits_analysis:start -->\nold\n<!-- digits_analysis:end -->\n\ntail\n")
+    start, end = (f"<!-- digits_analysis_digits-photo:{edge} -->" for edge in ("start", "end"))
+    page.write_text(f"# Digits\n\n{start}\nold\n{end}\n\ntail\n")
     from udaseg.bench import write_section
 
-    write_section(page, module.MARKER, text)
+    write_section(page, module.marker("digits-photo"), text)
     assert "\nold\n" not in page.read_text() and page.read_text().endswith("tail\n")
 
 
