@@ -215,3 +215,16 @@ def test_same_seed_same_report(report, checkpoints, tmp_path):
     assert main(argv) == 0
     for name in ("analysis.json", "tsne.png", "reliability.png"):
         assert (tmp_path / name).read_bytes() == (report / name).read_bytes(), name
+
+
+def test_teacher_features_and_a_checkpoint_without_config(checkpoints, tmp_path, capsys):
+    state = load_checkpoint(checkpoints["sepico"])
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(state.pop("config")))
+    bare = tmp_path / "bare.pt"
+    torch.save(state, bare)
+    common = ["--out", str(tmp_path / "a"), "--no-tsne", "--no-progress", "--teacher"]
+    assert "holds no config; pass --config" in one_line_error(["analyze", "--checkpoint", str(bare), *common], capsys)
+    assert main(["analyze", "--checkpoint", str(bare), "--config", str(config), *common]) == 0
+    entry = json.loads((tmp_path / "a" / "analysis.json").read_text())["models"][0]
+    assert entry["evaluated"] == "teacher" and entry["method"] == "sepico"
