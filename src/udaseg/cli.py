@@ -14,12 +14,13 @@ from udaseg.errors import UserError
 # ``udaseg --help`` stays fast.
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("udaseg.engine.commands", "train", "train a model from a preset or config file"),
-    "eval": ("udaseg.engine.commands", "evaluate", "evaluate a checkpoint: per-class IoU and mIoU"),
+    "eval": ("udaseg.engine.commands", "evaluate", "evaluate a checkpoint: per-class IoU and accuracy, mIoU, confusion matrix"),
     "predict": ("udaseg.engine.commands", "predict", "write label, colour and overlay PNGs for images"),
     "prepare": ("udaseg.data.prepare", "run_prepare", "convert dataset labels and write class statistics"),
     "demo": ("udaseg.demo", "run_demo", "build the digits benchmark, adapt to it and write a report"),
     "bench": ("udaseg.bench", "run_bench", "adaptation-quality benchmark on the digits domains"),
-    "analyze": ("udaseg.analysis.commands", "run_analyze", "feature diagnostics: t-SNE, class distances"),
+    "analyze": ("udaseg.analysis.commands", "run_analyze",
+                "diagnostics of checkpoints: t-SNE, CCD/PDD, confusion, calibration, one HTML report"),
 }
 
 
@@ -89,10 +90,37 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
 
 
 def _add_analyze(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--config", "-c")
-    p.add_argument("--out", required=True)
-    p.add_argument("overrides", nargs="*")
+    p.add_argument("--checkpoint", action="append", required=True, metavar="CKPT",
+                   help="checkpoint file; repeat to compare several (one t-SNE panel, one bar each)")
+    p.add_argument("--name", action="append", metavar="NAME",
+                   help="label of each checkpoint in the figures (default: its config name)")
+    p.add_argument("--config", "-c", help="preset or YAML file giving the datasets (default: the first "
+                                          "checkpoint's config)")
+    p.add_argument("--source", metavar="NAME[:SPLIT]", help="source dataset (default: data.source)")
+    p.add_argument("--target", metavar="NAME[:SPLIT]", help="labelled target dataset (default: data.val[0])")
+    p.add_argument("--source-root", metavar="DIR", help="root folder of the source dataset")
+    p.add_argument("--target-root", metavar="DIR", help="root folder of the target dataset")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--tap", default="decoder",
+                   help="embedding: encoder | decoder | projection[:HEAD] | enc1..enc4 | enc_fused (default: decoder)")
+    p.add_argument("--teacher", action="store_true", help="embed and evaluate with the EMA teacher")
+    p.add_argument("--max-images", type=int, default=500, help="images per domain (a seeded subset; default 500)")
+    p.add_argument("--per-class", type=int, default=256, help="t-SNE pixels per class and domain (default 256)")
+    p.add_argument("--metric-pixels", type=int, default=2000,
+                   help="sampled pixels per class and domain that estimate PDD (default 2000)")
+    p.add_argument("--min-pixels", type=int, default=20,
+                   help="a class needs this many sampled pixels in a domain to enter the t-SNE (default 20)")
+    p.add_argument("--classes", nargs="+", metavar="CLASS", help="t-SNE classes (names or indices; default: all)")
+    p.add_argument("--label-rule", choices=["ratio", "nearest"], default="ratio",
+                   help="how labels reach the feature grid (default: ratio, as the contrastive losses)")
+    p.add_argument("--min-ratio", type=float, default=0.75, help="ratio rule: share a class must cover in a cell")
+    p.add_argument("--perplexity", type=float, default=30.0)
+    p.add_argument("--bins", type=int, default=10, help="confidence bins of the reliability diagram")
+    p.add_argument("--no-tsne", action="store_true", help="skip the t-SNE")
+    p.add_argument("--seed", type=int, default=0, help="seed of the image subset, the samples and the t-SNE")
+    p.add_argument("--device", default=None, help="cpu | cuda | auto (default: the config's train.device)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides for the configs")
 
 
 ARGUMENTS: dict[str, Callable[[argparse.ArgumentParser], None]] = {

@@ -22,24 +22,6 @@ from udaseg.errors import UserError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
-def format_iou_table(names: list[str], iou: list[float], miou: float, extra: Optional[dict[str, list[float]]] = None) -> str:
-    """A plain-text table of per-class IoU (%) with optional further columns."""
-    extra = extra or {}
-    header = f"{'class':<16}{'IoU':>8}" + "".join(f"{k:>12}" for k in extra)
-    lines = [header, "-" * len(header)]
-    for i, name in enumerate(names):
-        row = f"{name:<16}{_pct(iou[i]):>8}"
-        row += "".join(f"{_pct(col[i]):>12}" for col in extra.values())
-        lines.append(row)
-    lines.append("-" * len(header))
-    lines.append(f"{'mIoU':<16}{_pct(miou):>8}")
-    return "\n".join(lines)
-
-
-def _pct(value: float) -> str:
-    return "n/a" if value is None or value != value else f"{100 * value:.1f}"
-
-
 # -- train ------------------------------------------------------------------------------------
 def train(args: argparse.Namespace) -> int:
     if args.list:
@@ -145,8 +127,7 @@ def evaluate(args: argparse.Namespace) -> int:
                           desc=f"eval {spec.name}")
         results[f"{spec.name}/{spec.split}"] = result
         print(f"\n{spec.name} ({spec.split}, {len(dataset)} images)")
-        table_names = names or [str(i) for i in range(cfg.model.num_classes)]
-        print(format_iou_table(table_names, result["iou"], result["miou"]))
+        print(format_eval_tables(result))
     out = Path(args.out) if args.out else checkpoint.with_suffix(".eval.json")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -155,7 +136,41 @@ def evaluate(args: argparse.Namespace) -> int:
     except OSError as err:
         raise UserError(f"cannot write {out} ({err.strerror})") from None
     print(f"\nresults written to {out}")
+    for key, result in results.items():
+        written = write_confusion_files(out, key, result)
+        print(f"confusion matrix of {key}: {', '.join(str(p) for p in written)}")
     return 0
+
+
+def format_eval_tables(result: dict) -> str:
+    """mmseg's printout (per-class IoU and Acc, then aAcc / mIoU / mAcc) of an evaluator result."""
+    from udaseg.evaluation.metrics import format_mmseg_tables
+
+    return format_mmseg_tables(result["names"], result["iou"], result["accuracy"], result["pixel_accuracy"],
+                               result["miou"], result["macc"], result["classes"])
+
+
+def write_confusion_files(out: Path, key: str, result: dict) -> list[Path]:
+    """``<out stem>.<dataset>_<split>.confusion.json`` (counts and row-normalised shares) and, when
+    matplotlib is installed, the matching ``.png`` of the normalised matrix."""
+    from udaseg.analysis.report import write_bytes, write_json
+    from udaseg.evaluation.metrics import normalised_confusion
+
+    stem = out.name[: -len(out.suffix)] if out.suffix else out.name
+    base = f"{stem}.{key.replace('/', '_')}.confusion"
+    json_path, png_path = out.parent / f"{base}.json", out.parent / f"{base}.png"
+    normalised = normalised_confusion(result["confusion_matrix"])
+    write_json(json_path, {"classes": result["names"], "rows": "ground truth", "columns": "prediction",
+                           "counts": result["confusion_matrix"], "normalised": normalised})
+    written = [json_path]
+    try:
+        import matplotlib  # noqa: F401  (optional extra)
+    except ImportError:
+        return written
+    from udaseg.analysis.plots import confusion_figure
+
+    write_bytes(png_path, confusion_figure(np.asarray(normalised), result["names"], key))
+    return written + [png_path]
 
 
 # -- predict ----------------------------------------------------------------------------------

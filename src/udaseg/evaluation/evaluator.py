@@ -1,7 +1,9 @@
 """Evaluate a segmentor on a labelled dataset: confusion matrix, per-class IoU, mIoU.
 
 Returns ``miou`` (fraction, over the protocol's classes), ``iou`` (per class, NaN where a class is
-absent from both prediction and label), ``names``, ``classes`` and ``pixel_accuracy``.
+absent from both prediction and label), ``names``, ``classes`` and ``pixel_accuracy``; also
+``accuracy`` (per-class recall, NaN for classes without labelled pixels), ``macc`` (its mean over the
+protocol's classes) and ``confusion_matrix`` (K×K pixel counts, rows = ground truth).
 
 Images are evaluated one at a time at the dataset pipeline's resolution (whole image or sliding
 window); logits are upsampled to the label's size before the argmax, as mmseg does. Under
@@ -73,4 +75,7 @@ def evaluate(segmentor: nn.Module, dataset, cfg: EvalConfig, num_classes: int, d
         "names": names,
         "classes": classes if classes is not None else list(range(num_classes)),
         "pixel_accuracy": matrix.pixel_accuracy(),
+        "accuracy": [float(v) for v in matrix.class_accuracy().tolist()],
+        "macc": matrix.mean_accuracy(classes),
+        "confusion_matrix": matrix.matrix.cpu().tolist(),
     }

@@ -149,6 +149,54 @@ class ConfusionMatrix:
         return "\n".join(lines)
 
 
+def normalised_confusion(matrix: Union[torch.Tensor, Sequence[Sequence[int]]]) -> list[list[float]]:
+    """Row-normalised confusion matrix: entry (g, p) is the share of class g's labelled pixels predicted
+    as p (rows sum to 1; NaN rows for classes without labelled pixels)."""
+    counts = torch.as_tensor(matrix, dtype=torch.float64)
+    return (counts / counts.sum(dim=1, keepdim=True)).tolist()
+
+
+def format_mmseg_tables(names: Sequence[str], iou: Sequence[float], accuracy: Sequence[float], aacc: float,
+                        miou: float, macc: float, classes: Optional[Sequence[int]] = None) -> str:
+    """mmseg's evaluation printout: per-class IoU and Acc, then aAcc, mIoU and mAcc (percent, 2 decimals,
+    centred cells as mmseg's PrettyTable prints them).
+
+    ``iou`` and ``accuracy`` are fractions per class (NaN: undefined, printed ``nan`` as mmseg does);
+    ``classes`` restricts the per-class rows to the protocol's subset (all by default). Example::
+
+        per class results:
+        +------------+-------+-------+
+        |   Class    |  IoU  |  Acc  |
+        +------------+-------+-------+
+        | background | 97.10 | 99.02 |
+        ...
+        Summary:
+        +-------+-------+-------+
+        | aAcc  | mIoU  | mAcc  |
+        +-------+-------+-------+
+        | 95.31 | 41.22 | 52.87 |
+        +-------+-------+-------+
+    """
+    selected = list(range(len(names))) if classes is None else list(classes)
+    rows = [[names[c], _pct_plain(iou[c]), _pct_plain(accuracy[c])] for c in selected]
+    return "\n".join(["per class results:", _ascii_table(["Class", "IoU", "Acc"], rows), "Summary:",
+                      _ascii_table(["aAcc", "mIoU", "mAcc"], [[_pct_plain(aacc), _pct_plain(miou), _pct_plain(macc)]])])
+
+
+def _pct_plain(value: float) -> str:
+    return "nan" if value is None or math.isnan(value) else f"{100.0 * value:.2f}"
+
+
+def _ascii_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    rule = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
+
+    def line(cells: Sequence[str]) -> str:
+        return "|" + "|".join(f" {str(cell):^{w}} " for cell, w in zip(cells, widths)) + "|"
+
+    return "\n".join([rule, line(header), rule, *[line(r) for r in rows], rule])
+
+
 def _nanmean(values: torch.Tensor, classes: Optional[Sequence[int]]) -> float:
     if classes is not None:
         values = values[torch.as_tensor(list(classes), dtype=torch.long, device=values.device)]
