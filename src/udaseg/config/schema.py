@@ -113,11 +113,20 @@ class FeatureDistanceConfig:
     scale_min_ratio: float = 0.75
 
 
+# EMA teacher momentum of each method's official code; methods not listed use DAFormer's 0.999.
+EMA_ALPHA_BY_METHOD = {"dacs": 0.99}
+DAFORMER_EMA_ALPHA = 0.999
+
+
 @dataclass
 class SelfTrainingConfig:
-    """The DACS / DAFormer mean-teacher self-training base."""
+    """The DACS / DAFormer mean-teacher self-training base.
 
-    ema_alpha: float = 0.999
+    ``ema_alpha=None`` takes the method's official value (:data:`EMA_ALPHA_BY_METHOD`): 0.99 for
+    ``dacs`` (the DACS release), 0.999 for DAFormer and the methods built on it.
+    """
+
+    ema_alpha: Optional[float] = None
     pseudo_threshold: float = 0.968
     ignore_top: int = 0  # rows at the top of target images whose pseudo-label weight is 0
     ignore_bottom: int = 0
@@ -216,3 +225,13 @@ class Config:
     method: MethodConfig = field(default_factory=MethodConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     reference: dict = field(default_factory=dict)  # published numbers this preset reproduces
+
+    def __post_init__(self) -> None:
+        resolve_method_defaults(self)
+
+
+def resolve_method_defaults(cfg: Config) -> None:
+    """Fill the settings left at ``None`` ("the method's own value") from ``cfg.method.name``."""
+    self_training = cfg.method.self_training
+    if self_training.ema_alpha is None:
+        self_training.ema_alpha = EMA_ALPHA_BY_METHOD.get(cfg.method.name, DAFORMER_EMA_ALPHA)

@@ -1,4 +1,8 @@
-"""DACS mean-teacher self-training (Tranheden et al., WACV 2021), as DAFormer's code runs it.
+"""DACS mean-teacher self-training (Tranheden et al., WACV 2021), the base DAFormer's code builds on.
+
+``method.name=dacs`` is the DACS release: EMA teacher momentum 0.99, every target pixel weighted.
+DAFormer changed two things that its presets (and SePiCo's, T2S-DA's) keep: momentum 0.999 and
+zero pseudo-label weight on the top 15 / bottom 120 rows (``self_training.ignore_top/bottom``).
 
 Per iteration (after the EMA teacher update done by the trainer):
 
