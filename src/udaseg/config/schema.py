@@ -185,7 +185,7 @@ class T2SDAConfig:
     absent_class_weight: Literal["max", "mean"] = "max"
     target_negatives: bool = True  # DENPS: half the negatives from unreliable target pixels
     class_balanced_queries: bool = True  # CBQS
-    reduction: Literal["mean", "paper_sum"] = "mean"
+    reduction: Literal["mean", "paper_sum"] = "paper_sum"  # Eq. 5 sums over queries; "mean": per-class mean
     source_ce_on_pseudo_target: bool = False
     label_downsample: Literal["ratio", "nearest"] = "ratio"
     label_min_ratio: float = 0.75

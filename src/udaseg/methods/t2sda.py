@@ -246,10 +246,12 @@ class PullingLoss(nn.Module):
 
     Aggregation over the set ``V`` of classes that took part:
 
-    - ``reduction="mean"`` (default): ``sum_{c in V} w*_c mean_q l(q)`` with ``w*`` renormalised
-      over ``V``;
-    - ``reduction="paper_sum"``: the literal Eq. 5, ``(1/C) sum_{c in V} w*_c sum_q l(q)``, with the
-      weights as given (uniform ``1/C`` without ``class_weights``).
+    - ``reduction="paper_sum"`` (default): the literal Eq. 5, ``(1/C) sum_{c in V} w*_c sum_q l(q)``,
+      with the weights as given (uniform ``1/C`` without ``class_weights``). A class weighs in with
+      its number of queries, which is what class-balanced query sampling (Table 8) acts on;
+    - ``reduction="mean"`` (a switch): ``sum_{c in V} w*_c mean_q l(q)`` with ``w*`` renormalised
+      over ``V``. Its expected value does not depend on how many queries a class gets, so CBQS then
+      only changes the variance.
 
     Keys (teacher tensors) are detached; the gradient flows only into the queries. Similarities are
     computed as one matrix per class (``n_c x N``) from which the sampled columns are gathered, so an
@@ -261,7 +263,7 @@ class PullingLoss(nn.Module):
         negatives: ``m`` per query (1024).
         base_queries: ``n`` (128).
         loss: ``"infonce"`` or ``"mse"``.
-        reduction: ``"mean"`` or ``"paper_sum"``.
+        reduction: ``"paper_sum"`` (Eq. 5) or ``"mean"``.
         target_negatives: DENPS on (half the negatives from the target); off = all from the source.
         balanced_queries: CBQS on; off = ``n`` queries for every present class.
 
@@ -286,7 +288,7 @@ class PullingLoss(nn.Module):
     """
 
     def __init__(self, num_classes: int, temperature: float = 0.2, negatives: int = 1024, base_queries: int = 128,
-                 loss: Literal["infonce", "mse"] = "infonce", reduction: Literal["mean", "paper_sum"] = "mean",
+                 loss: Literal["infonce", "mse"] = "infonce", reduction: Literal["mean", "paper_sum"] = "paper_sum",
                  target_negatives: bool = True, balanced_queries: bool = True):
         super().__init__()
         if num_classes < 1:
