@@ -249,6 +249,10 @@ class SegmentationDataset(torch.utils.data.Dataset):
         arrays: dict[str, Any] = {"image": read_image(sample.image)}
         if self.labelled:
             arrays["label"] = self.load_label(index)
+            image_size, label_size = arrays["image"].shape[:2], arrays["label"].shape[:2]
+            if image_size != label_size:
+                raise UserError(f"{self.dataset_name}: label {sample.label} is {label_size[1]}x{label_size[0]} "
+                                f"but its image {sample.image} is {image_size[1]}x{image_size[0]} (width x height)")
         arrays["extra_images"] = {key: read_image(path) for key, path in sample.extra_images.items()}
         return arrays
 
@@ -754,3 +758,4 @@ class FolderDataset(SegmentationDataset):
         lookup = trainid_table(classes.num_classes, ignore_index=ignore)
         super().__init__(samples, classes, _pipeline(cfg, mean, std), root, cfg.labelled, "folder",
                          strict_labels=True, trainid_lookup=lookup)
+        self.class_file = root / "classes.yaml"

@@ -47,6 +47,8 @@ def train(args: argparse.Namespace) -> int:
         return 0
     if not args.config and not args.resume:
         raise UserError("give a preset or config file with --config (see 'udaseg train --list')")
+    if args.resume and getattr(args, "overwrite", False):
+        raise UserError("--resume and --overwrite exclude each other")
     cfg = load_config(args.config, args.overrides) if args.config else None
     resume = args.resume
     if cfg is None:
@@ -57,13 +59,24 @@ def train(args: argparse.Namespace) -> int:
         return 0
     from udaseg.engine.trainer import Trainer
 
-    trainer = Trainer(cfg, resume=resume)
+    trainer = Trainer(cfg, resume=resume, overwrite=getattr(args, "overwrite", False))
+    if trainer.finished:
+        if dist.is_main():
+            print(f"udaseg train: the run in {cfg.train.work_dir} is already finished (iteration {trainer.iteration} "
+                  f"of {cfg.train.iterations}); nothing to train. Evaluate it with 'udaseg eval --checkpoint "
+                  f"{Path(cfg.train.work_dir) / 'latest.pt'}'")
+        dist.cleanup()
+        return 0
     if dist.is_main():
         print(f"udaseg train: {cfg.name} ({cfg.method.name}, {cfg.model.name}) -> {cfg.train.work_dir}; "
-              f"effective config in {Path(cfg.train.work_dir) / 'config.yaml'}")
+              f"effective config in {Path(cfg.train.work_dir) / 'config.yaml'}, log in "
+              f"{Path(cfg.train.work_dir) / 'train.log'}")
     summary = trainer.train()
     if dist.is_main() and summary:
         print(f"final student mIoU on {summary['dataset']}: {100 * summary['miou']:.2f}")
+        teacher = summary.get(f"teacher/{summary['dataset']}")
+        if teacher is not None:
+            print(f"final teacher mIoU on {summary['dataset']}: {100 * teacher['miou']:.2f}")
     dist.cleanup()
     return 0
 

@@ -70,6 +70,15 @@ class LoadReport:
     def ok(self) -> bool:
         return not (self.missing or self.unexpected or self.mismatched)
 
+    @property
+    def expected(self) -> int:
+        """How many target weights there were to fill."""
+        return len(self.loaded) + len(self.missing) + len(self.mismatched)
+
+    def mostly_loaded(self) -> bool:
+        """At least half of the target's weights came from the file."""
+        return self.expected > 0 and len(self.loaded) * 2 >= self.expected
+
     def summary(self) -> str:
         return (f"{self.path} ({self.format}): {len(self.loaded)} loaded, {len(self.missing)} missing, "
                 f"{len(self.unexpected)} unexpected, {len(self.mismatched)} shape mismatches, "
@@ -262,3 +271,13 @@ def _strict_message(report: LoadReport, module: nn.Module, n_expected: int) -> s
         shown = ", ".join(f"{k}: {list(a)} vs {list(b)}" for k, a, b in report.mismatched[:3])
         parts.append(f"shape mismatch {len(report.mismatched)} ({shown})")
     return f"checkpoint {report.path} ({report.format}) does not match the model: " + "; ".join(parts)
+
+
+def require_mostly_loaded(report: LoadReport, key: str = "model.pretrained") -> None:
+    """Refuse a file that fills less than half of the target's weights (the wrong file, most likely)."""
+    if report.mostly_loaded():
+        return
+    raise UserError(f"{key}={report.path} does not fit this model: {len(report.loaded)} of {report.expected} "
+                    f"weights loaded ({len(report.missing)} missing, e.g. {_examples(report.missing, 2)}; "
+                    f"{len(report.unexpected)} unexpected, e.g. {_examples(report.unexpected, 2)}); is it the "
+                    f"file for this architecture?")
