@@ -54,7 +54,7 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
 
 
 def _add_prepare(p: argparse.ArgumentParser) -> None:
-    p.add_argument("dataset", help="gta5 | synthia | cityscapes | darkzurich | acdc | bdd100k | mapillary | digits")
+    p.add_argument("dataset", help="gta5 | synthia | cityscapes | darkzurich | acdc | bdd100k | mapillary | folder | digits")
     p.add_argument("--root", help="dataset root folder")
     p.add_argument("--out", help="output folder (digits export)")
     p.add_argument("--nproc", type=int, default=2, help="worker processes")

@@ -176,13 +176,21 @@ class TrainConfig:
 
 @dataclass
 class FeatureDistanceConfig:
-    """DAFormer's thing-class ImageNet feature distance."""
+    """DAFormer's thing-class ImageNet feature distance.
 
-    enabled: bool = False
+    ``enabled=None``: on for ``daformer``, off for the other methods. ``classes=None``: the
+    Cityscapes thing classes (:data:`CITYSCAPES_THING_CLASSES`) for a 19-class model; any other
+    class set must name its thing classes.
+    """
+
+    enabled: Optional[bool] = None
     weight: float = 0.005
-    classes: list[int] = field(default_factory=lambda: [6, 7, 11, 12, 13, 14, 15, 16, 17, 18])
+    classes: Optional[list[int]] = None
     scale_min_ratio: float = 0.75
 
+
+CITYSCAPES_THING_CLASSES = [6, 7, 11, 12, 13, 14, 15, 16, 17, 18]  # light, sign, person .. bicycle
+FEATURE_DISTANCE_METHODS = ("daformer",)  # methods whose official recipe includes FD
 
 # EMA teacher momentum of each method's official code; methods not listed use DAFormer's 0.999.
 EMA_ALPHA_BY_METHOD = {"dacs": 0.99}
@@ -211,7 +219,7 @@ class SelfTrainingConfig:
     def validate(self, path: str = "self_training") -> None:
         if self.ema_alpha is not None:
             require_range(path, "ema_alpha", self.ema_alpha, 0.0, 1.0)
-        require_range(path, "pseudo_threshold", self.pseudo_threshold, 0.0, 1.0)
+        require_range(path, "pseudo_threshold", self.pseudo_threshold, 0.0)  # above 1: no pixel is confident
         require_range(path, "ignore_top", self.ignore_top, 0)
         require_range(path, "ignore_bottom", self.ignore_bottom, 0)
         require_range(path, "color_jitter_prob", self.color_jitter_prob, 0.0, 1.0)
@@ -331,3 +339,17 @@ def resolve_method_defaults(cfg: Config) -> None:
     self_training = cfg.method.self_training
     if self_training.ema_alpha is None:
         self_training.ema_alpha = EMA_ALPHA_BY_METHOD.get(cfg.method.name, DAFORMER_EMA_ALPHA)
+    fd = self_training.feature_distance
+    if fd.enabled is None:
+        fd.enabled = cfg.method.name in FEATURE_DISTANCE_METHODS
+    key = "method.self_training.feature_distance"
+    if fd.classes is None and cfg.model.num_classes == 19:
+        fd.classes = list(CITYSCAPES_THING_CLASSES)
+    if fd.enabled and fd.classes is None:
+        raise UserError(f"config key '{key}.classes' must list the thing classes of this "
+                        f"{cfg.model.num_classes}-class model (the default is Cityscapes' 19-class set), or set "
+                        f"{key}.enabled=false")
+    if fd.enabled:
+        outside = [c for c in fd.classes if not 0 <= c < cfg.model.num_classes]
+        require(not outside, key, "classes", fd.classes,
+                f"must hold class indices of the {cfg.model.num_classes}-class model")

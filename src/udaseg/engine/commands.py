@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -91,10 +92,18 @@ def config_from_checkpoint(state: dict, path: Path, overrides=()) -> Config:
 
 
 # -- shared by eval / predict -----------------------------------------------------------------
+def is_udaseg_checkpoint(state: dict) -> bool:
+    return isinstance(state.get("model"), dict) and ("model_name" in state or "config" in state)
+
+
 def load_segmentor_for_inference(checkpoint: Path, config: Optional[str], overrides, use_teacher: bool = False):
+    """``(cfg, segmentor)`` from a udaseg checkpoint, or from an official release checkpoint
+    (DAFormer / SePiCo / HRDA / MIC mmseg files) converted on load, which needs ``--config``."""
     from udaseg.engine.trainer import build_segmentor, check_compatible
 
     state = load_checkpoint(checkpoint)
+    if not is_udaseg_checkpoint(state):
+        return load_release_checkpoint(checkpoint, config, overrides, use_teacher)
     cfg = load_config(config, overrides) if config else config_from_checkpoint(state, checkpoint, overrides)
     check_compatible(state, cfg, checkpoint)
     cfg.model.pretrained = ""
@@ -110,6 +119,30 @@ def load_segmentor_for_inference(checkpoint: Path, config: Optional[str], overri
     if missing:
         raise UserError(f"{checkpoint} does not match model '{cfg.model.name}': {len(missing)} missing keys "
                         f"(first: {missing[0]})")
+    return cfg, segmentor
+
+
+def load_release_checkpoint(checkpoint: Path, config: Optional[str], overrides, use_teacher: bool = False):
+    """An official release file (mmseg ``state_dict``; UDA files with ``model.*`` / ``ema_model.*``)
+    loaded into the segmentor of ``config``; the key report is printed, and a file that leaves any
+    segmentor weight unfilled is refused."""
+    from udaseg.engine.trainer import build_segmentor
+    from udaseg.models import load_pretrained
+
+    if not config:
+        raise UserError(f"{checkpoint} is not a udaseg checkpoint; to use an official release file give the "
+                        f"config of its model with --config (e.g. --config daformer_mitb5_gta2cs)")
+    cfg = load_config(config, overrides)
+    cfg.model.pretrained = ""
+    segmentor = build_segmentor(cfg)
+    report = load_pretrained(segmentor, str(checkpoint), use_ema=use_teacher)
+    needed = [k for k in report.missing if not k.startswith("proj_head.")]
+    print(f"converted release checkpoint: {report.summary()}", file=sys.stderr)
+    if needed or report.mismatched:
+        detail = (f"{len(needed)} weights missing (e.g. {', '.join(needed[:2])})" if needed else
+                  f"{len(report.mismatched)} shape mismatches (e.g. {report.mismatched[0][0]}: "
+                  f"{list(report.mismatched[0][1])} vs {list(report.mismatched[0][2])})")
+        raise UserError(f"{checkpoint} ({report.format}) does not fit model '{cfg.model.name}' of {config}: {detail}")
     return cfg, segmentor
 
 
@@ -132,21 +165,27 @@ def evaluate(args: argparse.Namespace) -> int:
         raise UserError("the config has no evaluation dataset (data.val is empty)")
     device = dist.local_device(cfg.train.device)
     segmentor.to(device)
+    from udaseg.engine.logging import stdout_is_terminal
+    from udaseg.engine.run_folder import json_safe, val_set_keys
+
     results = {}
-    for spec in cfg.data.val:
+    for key, spec in zip(val_set_keys(cfg.data.val), cfg.data.val):
         dataset = build_dataset(spec, cfg.data.mean, cfg.data.std)
         names = list(dataset.classes.names)
         result = run_eval(segmentor, dataset, cfg.eval, cfg.model.num_classes, device, names,
-                          desc=f"eval {spec.name}")
-        results[f"{spec.name}/{spec.split}"] = result
+                          progress=stdout_is_terminal(), desc=f"eval {key}")
+        results[key] = result
         print(f"\n{spec.name} ({spec.split}, {len(dataset)} images)")
         table_names = names or [str(i) for i in range(cfg.model.num_classes)]
         print(format_iou_table(table_names, result["iou"], result["miou"]))
-    out = Path(args.out) if args.out else checkpoint.with_suffix(".eval.json")
+    # the teacher's results get their own file, so evaluating both keeps both
+    default_suffix = ".teacher.eval.json" if args.teacher else ".eval.json"
+    out = Path(args.out) if args.out else checkpoint.with_suffix(default_suffix)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"checkpoint": str(checkpoint), "model": "teacher" if args.teacher else "student",
-                                   "results": results}, indent=2))
+        document = {"checkpoint": str(checkpoint), "model": "teacher" if args.teacher else "student",
+                    "results": results}
+        out.write_text(json.dumps(json_safe(document), indent=2, allow_nan=False))
     except OSError as err:
         raise UserError(f"cannot write {out} ({err.strerror})") from None
     print(f"\nresults written to {out}")
