@@ -247,7 +247,7 @@ def predict(args: argparse.Namespace) -> int:
     segmentor = inference_model(segmentor.to(device).eval(), cfg.eval, cfg.model.num_classes)
     palette = _palette(cfg)
     root = Path(args.input) if Path(args.input).is_dir() else Path(args.input).parent
-    for path in tqdm(files, desc="predict", dynamic_ncols=True):
+    for path in tqdm(files, desc="predict", dynamic_ncols=True, disable=None):  # no bar when redirected
         tensor, rgb = _prepare_image(path, cfg)
         with torch.no_grad():
             logits = predict_logits(segmentor, tensor.unsqueeze(0).to(device), mode=cfg.eval.mode,

@@ -103,6 +103,9 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
 
         self.notes: list[str] = []
+        if cfg.method.name == "daformer" and not cfg.data.source.rcs.enabled:
+            self.notes.append("method daformer without rare class sampling (data.source.rcs.enabled=false; the "
+                              "GTA5/SYNTHIA presets enable it after 'udaseg prepare')")
         segmentor = build_segmentor(cfg, self.notes)
         self.method = build_method(cfg, segmentor)
         model = UDAModel(segmentor, self.method.heads)
