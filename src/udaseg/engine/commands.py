@@ -46,6 +46,10 @@ def train(args: argparse.Namespace) -> int:
     if args.list:
         print("\n".join(list_presets()))
         return 0
+    if args.resume and "=" in args.resume and not Path(args.resume).exists():
+        # '--resume key=value': the override was read as --resume's optional value
+        args.overrides = [args.resume, *args.overrides]
+        args.resume = "latest"
     if not args.config and not args.resume:
         raise UserError("give a preset or config file with --config (see 'udaseg train --list')")
     if args.resume and getattr(args, "overwrite", False):
@@ -53,6 +57,9 @@ def train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides) if args.config else None
     resume = args.resume
     if cfg is None:
+        if resume == "latest":
+            raise UserError("--resume without --config needs a checkpoint file (e.g. --resume runs/NAME/latest.pt), "
+                            "or give the run's config with --config")
         state = load_checkpoint(Path(resume))
         cfg = config_from_checkpoint(state, Path(resume), args.overrides)
     if args.print_config:

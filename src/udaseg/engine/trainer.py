@@ -141,6 +141,7 @@ class Trainer:
         # Every check has passed: from here on the run folder is written.
         if dist.is_main() and not self.finished:
             self.notes += run_folder.prepare(self.work_dir, self.mode, self.iteration)
+            self.checkpoints = CheckpointManager(self.work_dir, keep_last=cfg.train.keep_last)  # after --overwrite
             (self.work_dir / "config.yaml").write_text(config_to_yaml(cfg))
             if self.mode == "resume" and self.checkpoints.repair_best():
                 self.notes.append("best.pt re-linked to the checkpoint best.json names")
