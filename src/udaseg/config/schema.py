@@ -308,9 +308,9 @@ class EvalConfig:
     def validate(self, path: str = "eval") -> None:
         require_pair(path, "crop_size", self.crop_size)
         require_pair(path, "stride", self.stride)
-        if self.mode == "slide":
-            require(self.crop_size is not None and self.stride is not None, path, "mode", self.mode,
-                    "'slide' needs eval.crop_size and eval.stride")
+        if self.mode == "slide" and (self.crop_size is None or self.stride is None):
+            raise UserError(f"config key '{_key(path, 'mode')}' is 'slide', which needs {_key(path, 'crop_size')} "
+                            f"and {_key(path, 'stride')} (the window and its step, [h, w])")
         require_range(path, "batch_windows", self.batch_windows, 1)
         if self.class_prior_scale is not None:
             require_range(path, "class_prior_scale", self.class_prior_scale, 0.0)

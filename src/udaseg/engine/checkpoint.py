@@ -90,6 +90,8 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device, None]
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises many types for damaged files
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if reason.startswith("Weights only load failed"):
+            reason = "torch cannot read it with weights_only=True (damaged, or it holds pickled objects)"
         raise UserError(f"cannot read checkpoint {path} (corrupt or not a udaseg checkpoint): {reason}") from None
     if not isinstance(state, dict):
         raise UserError(f"checkpoint {path} does not hold a dict (got {type(state).__name__})")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -144,7 +143,7 @@ def load_release_checkpoint(checkpoint: Path, config: Optional[str], overrides, 
     segmentor = build_segmentor(cfg)
     report = load_pretrained(segmentor, str(checkpoint), use_ema=use_teacher)
     needed = [k for k in report.missing if not k.startswith("proj_head.")]
-    print(f"converted release checkpoint: {report.summary()}", file=sys.stderr)
+    print(f"converted release checkpoint: {report.summary()}")
     if needed or report.mismatched:
         detail = (f"{len(needed)} weights missing (e.g. {', '.join(needed[:2])})" if needed else
                   f"{len(report.mismatched)} shape mismatches (e.g. {report.mismatched[0][0]}: "

@@ -59,7 +59,10 @@ def build_segmentor(cfg: Config, notes: Optional[list[str]] = None) -> nn.Module
 
     segmentor = build_model(cfg.model.name, cfg.model.num_classes, **cfg.model.options)
     if cfg.model.pretrained:
-        report = load_pretrained(segmentor.backbone, cfg.model.pretrained)
+        try:
+            report = load_pretrained(segmentor.backbone, cfg.model.pretrained)
+        except UserError as error:
+            raise UserError(f"model.pretrained: {error}") from None
         require_mostly_loaded(report)
         line = f"model.pretrained: {report.summary()}"
         if notes is None:
