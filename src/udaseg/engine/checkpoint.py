@@ -150,7 +150,7 @@ class CheckpointManager:
         # a folder that can never be created is reported now.
         existing = next((p for p in (self.work_dir, *self.work_dir.parents) if p.exists()), None)
         if existing is not None and not existing.is_dir():
-            raise UserError(f"cannot create work dir {self.work_dir}: {existing} is a file")
+            raise UserError(f"work dir {self.work_dir} is not writable: {existing} is a file")
         if self.work_dir.is_dir() and not os.access(self.work_dir, os.W_OK | os.X_OK):
             raise UserError(f"work dir is not writable: {self.work_dir}")
         self._best = self._read_best()

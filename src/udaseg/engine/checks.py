@@ -7,10 +7,13 @@ decoded fully, so a broken label or a size mismatch shows up before the run fold
 
 from __future__ import annotations
 
+import random
 import re
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
+import torch
 from PIL import Image
 
 from udaseg.config.schema import Config, DatasetConfig
@@ -87,7 +90,11 @@ def check_first_item(dataset: Any, key: str) -> None:
     if len(dataset) == 0:
         raise UserError(f"{key}: the dataset is empty")
     inner = getattr(dataset, "dataset", dataset)  # rare class sampling draws at random; check the base
-    inner[0]
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):  # the check leaves every random stream as it was
+        inner[0]
+    random.setstate(python_state)
+    np.random.set_state(numpy_state)
 
 
 def check_training_data(cfg: Config, streams: dict, batch_size: int) -> None:

@@ -131,7 +131,7 @@ class Trainer:
         self._build_streams()
         self.val_sets = [(spec, build_dataset(spec, cfg.data.mean, cfg.data.std)) for spec in cfg.data.val]
         self.val_keys = val_set_keys(cfg.data.val)
-        check_training_data(cfg, self.streams, cfg.data.batch_size // dist.world_size())
+        check_training_data(cfg, self.streams, cfg.data.batch_size)
         check_val_data(cfg, self.val_sets)
         self.checkpoints = CheckpointManager(self.work_dir, keep_last=cfg.train.keep_last)
         self.iteration = 0
@@ -141,17 +141,23 @@ class Trainer:
             self.load(self._resolve_resume(resume))
             self._saved_at = self.iteration
 
-        # Every check has passed: from here on the run folder is written.
-        if dist.is_main() and not self.finished:
+        self._open_run_folder()
+
+    def _open_run_folder(self) -> None:
+        """Every check has passed: prepare the run folder, write the config, open the logs.
+
+        A finished run (resumed with nothing left to train) is left exactly as it is."""
+        writes = dist.is_main() and not self.finished
+        if writes:
             self.notes += run_folder.prepare(self.work_dir, self.mode, self.iteration)
-            self.checkpoints = CheckpointManager(self.work_dir, keep_last=cfg.train.keep_last)  # after --overwrite
-            (self.work_dir / "config.yaml").write_text(config_to_yaml(cfg))
+            self.checkpoints = CheckpointManager(self.work_dir, keep_last=self.cfg.train.keep_last)  # re-read best.json
+            (self.work_dir / "config.yaml").write_text(config_to_yaml(self.cfg))
             if self.mode == "resume" and self.checkpoints.repair_best():
                 self.notes.append("best.pt re-linked to the checkpoint best.json names")
         dist.barrier()
-        self.logger = MetricsLogger(self.work_dir, enabled=dist.is_main() and not self.finished,
-                                    purge_step=self.iteration if resume else None)
-        self.log = RunLog(self.work_dir / "train.log", enabled=dist.is_main() and not self.finished)
+        self.logger = MetricsLogger(self.work_dir, enabled=writes,
+                                    purge_step=self.iteration if self.mode == "resume" else None)
+        self.log = RunLog(self.work_dir / "train.log", enabled=writes)
         self._bar = None
 
     @property
