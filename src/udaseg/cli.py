@@ -70,6 +70,7 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default=None, help="adaptation preset to compare against source-only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--iterations", type=int, default=None, help="training budget per run (overrides --quick)")
+    p.add_argument("--jobs", type=int, default=None, help="runs trained at the same time (default: one per core, at most 2)")
     p.add_argument("--digits-size", type=int, nargs=2, metavar=("TRAIN", "VAL"), help=argparse.SUPPRESS)
 
 
@@ -84,6 +85,8 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", help="where the digits benchmark is cached")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at the same time (worker processes)")
     p.add_argument("--collect", action="store_true", help="only tabulate the runs that have finished; train nothing")
+    p.add_argument("--split", choices=["val", "dev"], default="val",
+                   help="where to evaluate: the validation split (reported) or the held-out dev split (for tuning)")
     p.add_argument("--digits-size", type=int, nargs=2, metavar=("TRAIN", "VAL"), help=argparse.SUPPRESS)
 
 

@@ -14,6 +14,10 @@ from typing import Any, Literal, Optional
 
 from udaseg.errors import UserError
 
+# Field metadata of settings counted in training iterations: a shorter or longer budget scales them
+# (``udaseg.config.scale_iteration_counts``), so a warm-up keeps its share of the run.
+ITERATION_COUNT = {"unit": "iterations"}
+
 IMAGENET_MEAN = [123.675, 116.28, 103.53]
 IMAGENET_STD = [58.395, 57.12, 57.375]
 
@@ -77,6 +81,7 @@ class DatasetConfig:
     root: str = ""
     split: str = "train"
     labelled: bool = True
+    monitor_labels: bool = False  # unlabelled stream: load labels only to measure pseudo-label accuracy
     resize: Optional[list[int]] = None  # [width, height] scale, see keep_ratio
     keep_ratio: bool = True
     crop_size: Optional[list[int]] = None  # [height, width]
@@ -133,7 +138,7 @@ class OptimConfig:
     no_decay_keys: list[str] = field(default_factory=lambda: ["norm", "pos_block"])
     power: float = 1.0  # poly decay power
     min_lr: float = 0.0
-    warmup_iters: int = 1500
+    warmup_iters: int = field(default=1500, metadata=ITERATION_COUNT)
     warmup_ratio: float = 1e-6
 
     def validate(self, path: str = "optim") -> None:
@@ -165,6 +170,7 @@ class TrainConfig:
     sync_bn: bool = False
     backward_per_group: bool = True  # back-propagate after each view group (lower peak memory)
     deterministic: bool = False
+    eval_teacher: Literal["final", "every"] = "final"  # evaluate the EMA teacher at the end or at every eval
 
     def validate(self, path: str = "train") -> None:
         for key in ("iterations", "eval_interval", "checkpoint_interval", "log_interval", "keep_last"):
@@ -210,6 +216,8 @@ class SelfTrainingConfig:
     ignore_top: int = 0  # rows at the top of target images whose pseudo-label weight is 0
     ignore_bottom: int = 0
     mix: Literal["class", "none"] = "class"
+    mix_exclude_classes: list[int] = field(default_factory=list)  # classes ClassMix never pastes
+    confidence_weight: Literal["batch", "image"] = "batch"  # one quality weight per batch (code) or image
     color_jitter_prob: float = 0.8  # probability that colour jitter is applied
     color_jitter_strength: float = 0.2
     blur_prob: float = 0.5
@@ -237,7 +245,7 @@ class SePiCoConfig:
     temperature: float = 100.0
     weight: float = 1.0  # lambda_cl
     reg_weight: float = 1.0  # relative weight of L_reg (effective lambda_reg = weight * reg_weight)
-    warmup_iters: int = 3000  # L_w: contrastive terms start at this 0-based iteration
+    warmup_iters: int = field(default=3000, metadata=ITERATION_COUNT)  # L_w: contrastive terms start here (0-based)
     proj_dim: int = 512
     feature: str = "auto"  # encoder tap the projection head reads: auto | enc4 | enc_fused | encN
     bank_size: int = 200

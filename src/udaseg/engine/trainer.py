@@ -49,6 +49,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def seed_devices(seed: int, device: torch.device) -> None:
+    """Seed the CPU generator and, for a CUDA run, the current device's (cheaper than torch.manual_seed)."""
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed(seed)
+
+
 def build_segmentor(cfg: Config, notes: Optional[list[str]] = None) -> nn.Module:
     """The configured segmentor, with ``model.pretrained`` loaded into its backbone.
 
@@ -256,7 +263,7 @@ class Trainer:
                       f"lr {record['lr']:.3g}  {record['iter_time']:.3f} s/it", echo=periodic_to_stdout)
         evaluation = None
         if self.val_sets and (self.iteration % cfg.eval_interval == 0 or final):
-            evaluation = self.evaluate_all(teacher_too=final)
+            evaluation = self.evaluate_all(teacher_too=final or cfg.eval_teacher == "every")
             last_eval = evaluation
         if self.iteration % cfg.checkpoint_interval == 0 or final:
             self.save(metric=last_eval.get("miou") if evaluation is not None else None, about=last_eval)
@@ -280,7 +287,7 @@ class Trainer:
         batch = self._next_batch()
         # Everything random in an iteration (dropout, drop-path, the step's draws) derives from
         # (seed, iteration, rank): distinct per rank, identical after a resume.
-        torch.manual_seed(mix_seed(self.cfg.train.seed, it, dist.rank(), 1))
+        seed_devices(mix_seed(self.cfg.train.seed, it, dist.rank(), 1), self.device)
         generator = torch.Generator().manual_seed(mix_seed(self.cfg.train.seed, it, dist.rank()))
         result = self.step.run(batch, it, generator)
         dist.average_gradients(self.model.parameters())

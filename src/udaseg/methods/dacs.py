@@ -9,9 +9,10 @@ Per iteration (after the EMA teacher update done by the trainer):
 1. The teacher predicts the weak target: ``p = softmax(up(f_teacher(x_t)))``, ``ŷ = argmax p``.
 2. Confidence ratio ``w = #{max p ≥ 0.968} / (B·H·W)``: one scalar for the batch (Eqs. 2–3 of
    SePiCo; the code uses ``≥``). The weight map ``W_t`` is ``w`` everywhere except ignored rows.
-3. ClassMix: half of the classes of the source label batch (their union, 255 included) are pasted
-   from the weak source onto the weak target; the mixed label and weight follow the same mask
-   (weight 1 on source pixels, ``W_t`` on target pixels).
+   ``confidence_weight: image`` computes ``w`` per image instead (the papers' Eq. 3).
+3. ClassMix: half of the classes of the source label batch (their union, 255 included, less
+   ``mix_exclude_classes``) are pasted from the weak source onto the weak target; the mixed label
+   and weight follow the same mask (weight 1 on source pixels, ``W_t`` on target pixels).
 4. Colour jitter and blur (one on/off draw per iteration, shared by every strong view) on the mix.
 5. Loss: pixel-weighted CE of the student on the mixed image, averaged over all pixels.
 
@@ -23,20 +24,29 @@ Example::
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from udaseg.adapt.augment import draw_augmentation_flags, strong_augment
 from udaseg.adapt.mixing import class_mix_masks, mix
-from udaseg.adapt.pseudo_label import confidence_ratio, pseudo_labels, pseudo_weight_map
+from udaseg.adapt.pseudo_label import confidence_ratio, pseudo_label_accuracy, pseudo_labels, pseudo_weight_map
 from udaseg.adapt.step import Need, Objective, StepContext
 from udaseg.config.schema import SelfTrainingConfig
 from udaseg.methods.base import segmentation_cross_entropy
 
 AUG_FLAGS = "augmentation_flags"
 PSEUDO = "target_pseudo"
+MONITOR = "monitor_labels"  # view name -> held-back ground truth aligned with that view (monitoring only)
+
+
+def monitor_label(ctx: StepContext, batch: dict, view: str) -> Optional[Tensor]:
+    """The held-back labels of ``view`` (a crop of the batch's when an objective re-cropped the view)."""
+    aligned = ctx.state.get(MONITOR, {})
+    if view in aligned:
+        return aligned[view]
+    return batch.get(view, {}).get("monitor_label")
 
 
 def iteration_augmentation_flags(ctx: StepContext, cfg: SelfTrainingConfig) -> tuple[bool, bool]:
@@ -69,12 +79,12 @@ def teacher_pseudo_labels(ctx: StepContext, cfg: SelfTrainingConfig, view: str =
 def store_pseudo_labels(ctx: StepContext, cfg: SelfTrainingConfig, view: str, probs: Tensor, labels: Tensor,
                         confidence: Tensor) -> dict:
     """Add the confidence ratio and weight map to pseudo-labels of ``view`` and share them in ``ctx.state``."""
-    ratio = confidence_ratio(confidence, cfg.pseudo_threshold)
+    ratio = confidence_ratio(confidence, cfg.pseudo_threshold, per_image=cfg.confidence_weight == "image")
     weight = pseudo_weight_map(ratio, labels.shape, cfg.ignore_top, cfg.ignore_bottom)
     result = {"view": view, "image": ctx.view(view).image, "probs": probs, "labels": labels,
               "confidence": confidence, "ratio": ratio, "weight": weight}
     ctx.state[PSEUDO] = result
-    ctx.metrics["pseudo_ratio"] = float(ratio)
+    ctx.metrics["pseudo_ratio"] = float(ratio.mean())
     return result
 
 
@@ -98,10 +108,14 @@ class PseudoLabelSelfTraining(Objective):
 
     def prepare(self, ctx: StepContext, batch: dict) -> None:
         pseudo = teacher_pseudo_labels(ctx, self.cfg, self.target_view)
+        truth = monitor_label(ctx, batch, self.target_view)
+        if truth is not None:
+            ctx.metrics.update(pseudo_label_accuracy(pseudo["labels"], truth, pseudo["confidence"],
+                                                     self.cfg.pseudo_threshold))
         target = ctx.view(self.target_view)
         if self.cfg.mix == "class":
             source = ctx.view(self.source_view)
-            masks = class_mix_masks(source.label, ctx.generator)
+            masks = class_mix_masks(source.label, ctx.generator, tuple(self.cfg.mix_exclude_classes))
             image = mix(masks, source.image, target.image)
             label = mix(masks, source.label, pseudo["labels"])
             weight = mix(masks, torch.ones_like(pseudo["weight"]), pseudo["weight"])

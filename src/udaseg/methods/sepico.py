@@ -35,7 +35,8 @@ from udaseg.adapt.step import Need, Objective, StepContext
 from udaseg.config.schema import Config, SelfTrainingConfig, SePiCoConfig
 from udaseg.errors import UserError
 from udaseg.methods import Method, register_method
-from udaseg.methods.dacs import PseudoLabelSelfTraining, store_pseudo_labels, strong_view, teacher_pseudo_labels
+from udaseg.methods.dacs import (MONITOR, PseudoLabelSelfTraining, monitor_label, store_pseudo_labels, strong_view,
+                                 teacher_pseudo_labels)
 
 IGNORE_INDEX = 255
 
@@ -643,6 +644,9 @@ class TargetCropping(Objective):
             else:
                 boxes = [random_crop_box(target.image.shape[-2:], size, ctx.generator) for _ in full["labels"]]
             ctx.add_view(self.target_view, crop_batch(target.image, boxes))
+            truth = monitor_label(ctx, batch, self.target_view)
+            if truth is not None:
+                ctx.state.setdefault(MONITOR, {})[self.target_view] = crop_batch(truth, boxes)
             if self.cfg.dark:
                 ctx.add_view(DAY_VIEW, crop_batch(ctx.view(DAY_VIEW).image, boxes))
             ctx.state[CROP_BOXES] = boxes
