@@ -269,3 +269,29 @@ def test_signal_saves_a_checkpoint_that_resumes_bit_exactly(signum, fake_domains
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     for a, b in zip(straight.teacher.module.parameters(), resumed.teacher.module.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# -- pretrained weights and rare class sampling on one's own data -----------------------------------
+def test_pretrained_report_is_printed_and_logged(fake_domains, tmp_path, capsys):
+    from udaseg.models import build_model
+
+    backbone = tmp_path / "mit_tiny.pth"
+    torch.save(build_model("daformer_tiny", 3).backbone.state_dict(), backbone)
+    cfg = tiny_config("digits_source_only", *fake_domains, tmp_path / "run", iterations=1,
+                      extra=[f"model.pretrained={backbone}"])
+    Trainer(cfg, progress=True).train()
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("model.pretrained:"))
+    assert "0 missing" in line and "loaded" in line
+    assert line in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_training_with_rare_class_sampling_on_a_folder_dataset(fake_domains, tmp_path):
+    import shutil
+
+    source = shutil.copytree(fake_domains[0], tmp_path / "source")
+    cfg = tiny_config("digits_source_only", source, fake_domains[1], tmp_path / "run", iterations=2)
+    cfg.data.source.rcs.enabled, cfg.data.source.rcs.min_pixels = True, 10
+    with pytest.raises(UserError, match="udaseg prepare"):
+        Trainer(cfg, progress=False)
+    assert main(["prepare", "folder", "--root", str(source), "--nproc", "1"]) == 0
+    assert Trainer(cfg, progress=False).train()["miou"] >= 0.0

@@ -89,10 +89,9 @@ def check_first_item(dataset: Any, key: str) -> None:
     """Decode one item (image, label, pipeline) so that a broken file fails before training starts."""
     if len(dataset) == 0:
         raise UserError(f"{key}: the dataset is empty")
-    inner = getattr(dataset, "dataset", dataset)  # rare class sampling draws at random; check the base
     python_state, numpy_state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):  # the check leaves every random stream as it was
-        inner[0]
+        dataset[0]
     random.setstate(python_state)
     np.random.set_state(numpy_state)
 
@@ -101,11 +100,12 @@ def check_training_data(cfg: Config, streams: dict, batch_size: int) -> None:
     specs = {"source": ("data.source", cfg.data.source), "target": ("data.target", cfg.data.target)}
     for name, stream in streams.items():
         key, spec = specs[name]
-        if getattr(stream.dataset, "labelled", True):
-            check_class_count(stream.dataset, key, spec, cfg.model.num_classes)
-        check_batch_fits(stream.dataset, key, batch_size)
-        check_uniform_size(getattr(stream.dataset, "dataset", stream.dataset), key, spec, batch_size)
-        check_first_item(stream.dataset, key)
+        base = getattr(stream.dataset, "dataset", stream.dataset)  # under rare class sampling, the dataset it wraps
+        if getattr(base, "labelled", True):
+            check_class_count(base, key, spec, cfg.model.num_classes)
+        check_batch_fits(base, key, batch_size)
+        check_uniform_size(base, key, spec, batch_size)
+        check_first_item(base, key)
 
 
 def check_val_data(cfg: Config, val_sets: list) -> None:
