@@ -144,6 +144,9 @@ CASES = [
     ("work_dir_is_a_file", train("train.work_dir={blocker}"), ["a_file"]),
     # eval / predict
     ("eval_missing_checkpoint", command("eval", "--checkpoint", "{base}/none.pt"), ["none.pt"]),
+    ("eval_on_a_dataset_with_other_classes", command("eval", "--checkpoint", "{run}/latest.pt",
+                                                     "data.val=[{{name: digits-photo, split: val}}]"),
+     ["model.num_classes=3", "data.val[0]", "11 classes"]),
     ("predict_into_a_file", command("predict", "--checkpoint", "{run}/latest.pt", "--input", "{target}/images/val",
                                     "--out", "{blocker}/out"), ["a_file", "not writable"]),
     ("eval_release_without_config", command("eval", "--checkpoint", "{base}/release.pth"), ["release.pth", "--config"]),

@@ -33,8 +33,9 @@ def unwrap_worker_error(error: UserError) -> UserError:
     return error if len(lines) <= 1 else UserError(lines[-1])
 
 
-def check_class_count(dataset: Any, key: str, spec: DatasetConfig, num_classes: int) -> None:
-    """The model predicts as many classes as the dataset's class list holds."""
+def check_class_count(dataset: Any, key: str, spec: DatasetConfig, num_classes: int,
+                      fix: Optional[str] = None) -> None:
+    """The model predicts as many classes as the dataset's class list holds (``fix``: the advice)."""
     classes = getattr(dataset, "classes", None)
     if classes is None:
         return
@@ -45,7 +46,7 @@ def check_class_count(dataset: Any, key: str, spec: DatasetConfig, num_classes: 
     where = f"{class_file} lists" if class_file is not None else f"{key} ({spec.name}) has"
     names = ", ".join(list(classes.names)[:4]) + (", ..." if count > 4 else "")
     raise UserError(f"model.num_classes={num_classes} but {where} {count} classes ({names}); "
-                    f"set model.num_classes={count}")
+                    f"{fix or f'set model.num_classes={count}'}")
 
 
 def check_batch_fits(dataset: Any, key: str, batch_size: int) -> None:

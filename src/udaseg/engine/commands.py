@@ -171,12 +171,16 @@ def evaluate(args: argparse.Namespace) -> int:
         raise UserError("the config has no evaluation dataset (data.val is empty)")
     device = dist.local_device(cfg.train.device)
     segmentor.to(device)
+    from udaseg.engine.checks import check_class_count
     from udaseg.engine.logging import stdout_is_terminal
     from udaseg.engine.run_folder import json_safe, val_set_keys
 
     results = {}
-    for key, spec in zip(val_set_keys(cfg.data.val), cfg.data.val):
-        dataset = build_dataset(spec, cfg.data.mean, cfg.data.std)
+    datasets = [build_dataset(spec, cfg.data.mean, cfg.data.std) for spec in cfg.data.val]
+    for position, (spec, dataset) in enumerate(zip(cfg.data.val, datasets)):
+        check_class_count(dataset, f"data.val[{position}]", spec, cfg.model.num_classes,
+                          fix=f"the checkpoint's model predicts {cfg.model.num_classes}; evaluate on data with its classes")
+    for key, spec, dataset in zip(val_set_keys(cfg.data.val), cfg.data.val, datasets):
         names = list(dataset.classes.names)
         result = run_eval(segmentor, dataset, cfg.eval, cfg.model.num_classes, device, names,
                           progress=stdout_is_terminal(), desc=f"eval {key}")
