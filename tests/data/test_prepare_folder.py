@@ -61,3 +61,23 @@ def test_rare_class_sampling_draws_the_rare_class_of_a_folder_dataset(tmp_path):
     torch.manual_seed(0)
     drawn = [dataset.draw() for _ in range(50)]
     assert sum(c == 3 for c, _ in drawn) > 40 and all(i in (0, 3) for c, i in drawn if c == 3)
+
+
+def test_label_of_another_size_warns_once_for_public_datasets(tmp_path):
+    import warnings
+
+    from udaseg.data.datasets import SegmentationDataset, Sample
+    from udaseg.data.labels import CITYSCAPES_CLASSES
+    from udaseg.data.transforms import Pipeline
+
+    Image.fromarray(np.zeros((8, 12, 3), np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(np.zeros((6, 12), np.uint8)).save(tmp_path / "a_label.png")
+    samples = [Sample(image=tmp_path / "a.png", name="a.png", label=tmp_path / "a_label.png")]
+    dataset = SegmentationDataset(samples, CITYSCAPES_CLASSES, Pipeline(IMAGENET_MEAN, IMAGENET_STD), tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        item = dataset[0]
+        dataset[0]
+    messages = [str(w.message) for w in caught if "is 12x6 but its image" in str(w.message)]
+    assert len(messages) == 1 and "a_label.png" in messages[0] and "12x8" in messages[0]
+    assert tuple(item["label"].shape) == (8, 12)
