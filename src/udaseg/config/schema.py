@@ -7,7 +7,6 @@ papers and code disagree (see the method docs).
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
