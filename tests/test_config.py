@@ -21,7 +21,7 @@ def test_unknown_key_suggests_closest():
 def test_wrong_type_names_key_type_and_value():
     with pytest.raises(UserError, match=r"'train\.iterations' expects int, got 'many'"):
         load_config(None, ["train.iterations=many"])
-    with pytest.raises(UserError, match=r"'method\.name' expects one of"):
+    with pytest.raises(UserError, match=r"'method\.name': unknown method 'sepicoo'; did you mean 'sepico'"):
         load_config(None, ["method.name=sepicoo"])
 
 

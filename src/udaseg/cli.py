@@ -30,6 +30,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
                    help="resume from a checkpoint file, or from the latest one in the work dir")
     p.add_argument("--overwrite", action="store_true",
                    help="start over in a run folder that holds an earlier run (deletes that run's files)")
+    p.add_argument("--stage", help="run one stage of a pipeline (with the offline passes before it)")
     p.add_argument("--list", action="store_true", help="list the shipped presets and exit")
     p.add_argument("--print-config", action="store_true", help="print the effective config and exit")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. optim.lr=1e-4")

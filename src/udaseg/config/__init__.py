@@ -69,6 +69,7 @@ def scale_iteration_counts(cfg: Config, iterations: int) -> None:
     points: fields marked with :data:`udaseg.config.schema.ITERATION_COUNT`) by the same factor."""
     factor = iterations / max(cfg.train.iterations, 1)
     cfg.train.iterations = iterations
+    cfg.method.section_items()  # materialises the active method's section, defaults included
 
     def visit(node) -> None:
         for spec in dataclasses.fields(node):
@@ -77,5 +78,9 @@ def scale_iteration_counts(cfg: Config, iterations: int) -> None:
                 setattr(node, spec.name, int(round(value * factor)))
             elif dataclasses.is_dataclass(value):
                 visit(value)
+            elif isinstance(value, dict):  # method sections
+                for item in value.values():
+                    if dataclasses.is_dataclass(item):
+                        visit(item)
 
     visit(cfg)

@@ -88,6 +88,7 @@ class DatasetConfig:
     flip: bool = False
     rcs: RCSConfig = field(default_factory=RCSConfig)
     options: dict = field(default_factory=dict)  # dataset-specific extras (e.g. ACDC condition)
+    pseudo_labels: str = ""  # folder of an offline 'pseudo_labels' pass: labels are read from there
 
     alias: str = ""  # the key of this set's results when evaluated (default: name:split, plus root if repeated)
 
@@ -121,6 +122,8 @@ class ModelConfig:
     num_classes: int = 19
     pretrained: str = ""  # path to ImageNet backbone weights (official file), '' for random init
     options: dict = field(default_factory=dict)  # constructor overrides (e.g. drop_path_rate)
+    init_from: str = ""  # a udaseg checkpoint whose weights (only) start the run
+    init_from_model: Literal["student", "teacher"] = "student"  # which of its models
 
     def validate(self, path: str = "model") -> None:
         require_range(path, "num_classes", self.num_classes, 1, 255)
@@ -221,6 +224,7 @@ class SelfTrainingConfig:
     color_jitter_strength: float = 0.2
     blur_prob: float = 0.5
     blur_sigma: list[float] = field(default_factory=lambda: [0.15, 1.15])
+    augmentation_draws: Literal["shared", "per_view"] = "shared"  # jitter/blur on-off: one draw per iteration or per view
     feature_distance: FeatureDistanceConfig = field(default_factory=FeatureDistanceConfig)
 
     def validate(self, path: str = "self_training") -> None:
@@ -237,68 +241,50 @@ class SelfTrainingConfig:
 
 
 @dataclass
-class SePiCoConfig:
-    """SePiCo (Xie et al., TPAMI 2023). Defaults are the official code's."""
-
-    variant: Literal["proto", "bank", "dist"] = "dist"
-    temperature: float = 100.0
-    weight: float = 1.0  # lambda_cl
-    reg_weight: float = 1.0  # relative weight of L_reg (effective lambda_reg = weight * reg_weight)
-    warmup_iters: int = field(default=3000, metadata=ITERATION_COUNT)  # L_w: contrastive terms start here (0-based)
-    proj_dim: int = 512
-    feature: str = "auto"  # encoder tap the projection head reads: auto | enc4 | enc_fused | encN
-    bank_size: int = 200
-    bank_negatives: Literal["exp_of_mean", "mean_of_exp"] = "exp_of_mean"
-    covariance: Literal["diagonal", "full"] = "diagonal"
-    label_min_ratio: float = 0.75
-    class_balanced_crop: bool = True
-    crop_candidates: int = 10
-    crop_cat_max_ratio: float = 0.75
-    target_crop_size: Optional[list[int]] = None  # [h, w]; None: the source crop size
-    source_loss: bool = True
-    target_loss: bool = True
-    dark: bool = False  # Cityscapes -> Dark Zurich day/night fusion and class re-weighting
-    dark_train_scale: float = 0.05
-    dark_test_scale: float = 0.16
-
-
-@dataclass
-class T2SDAConfig:
-    """T2S-DA (pulling target to source). Defaults are the paper's, with the spec's choices."""
-
-    weight: float = 0.1  # lambda
-    temperature: float = 0.2
-    loss: Literal["infonce", "mse"] = "infonce"
-    proj_dim: int = 256
-    feature: str = "enc_last"  # projector input tap: enc_last | encN | enc_fused | decoder
-    proj_final_act: bool = True
-    fda_beta: float = 0.01
-    fda_window: Literal["official", "paper"] = "official"
-    base_queries: int = 128
-    negatives: int = 1024
-    unreliable_quantile: float = 0.5
-    quantile_per_image: bool = False
-    reweight: bool = True  # dynamic re-weighting (DRW)
-    reweight_beta: float = 0.5
-    absent_class_weight: Literal["max", "mean"] = "max"
-    target_negatives: bool = True  # DENPS: half the negatives from unreliable target pixels
-    class_balanced_queries: bool = True  # CBQS
-    reduction: Literal["mean", "paper_sum"] = "paper_sum"  # Eq. 5 sums over queries; "mean": per-class mean
-    source_ce_on_pseudo_target: bool = False
-    label_downsample: Literal["ratio", "nearest"] = "ratio"
-    label_min_ratio: float = 0.75
-    domain_generalisation: bool = False
-    dg_translations: list[str] = field(default_factory=lambda: ["fda", "weather", "cartoon", "style_stats"])
-    dg_reference_dir: str = ""  # folder of reference images for the DG FDA translation
-    dg_weights: str = ""  # folder with the AdaIN and/or Style Augmentation release files
-
-
-@dataclass
 class MethodConfig:
-    name: Literal["source_only", "target_oracle", "dacs", "daformer", "sepico", "t2sda"] = "source_only"
+    """The method to train and its settings.
+
+    ``name`` is any registered method (:mod:`udaseg.methods`). Besides the shared ``self_training``
+    base, each method owns a section ``method.<section>`` declared where the method is registered;
+    those live in ``sections`` and read as attributes (``cfg.method.sepico``), with defaults when
+    a preset does not set them.
+    """
+
+    name: str = "source_only"
     self_training: SelfTrainingConfig = field(default_factory=SelfTrainingConfig)
-    sepico: SePiCoConfig = field(default_factory=SePiCoConfig)
-    t2sda: T2SDAConfig = field(default_factory=T2SDAConfig)
+    sections: dict = field(default_factory=dict)
+
+    @staticmethod
+    def __open_sections__(missing: Optional[str] = None) -> dict:
+        from udaseg.methods import method_sections
+
+        return method_sections(missing)
+
+    def __getattr__(self, key: str):
+        sections = self.__dict__.get("sections")
+        if key.startswith("_") or sections is None:
+            raise AttributeError(key)
+        if key not in sections:
+            known = MethodConfig.__open_sections__(key)
+            if key not in known:
+                raise AttributeError(f"no config section 'method.{key}'; sections: {', '.join(sorted(known))}")
+            sections[key] = known[key]()
+        return sections[key]
+
+    def section_items(self) -> dict:
+        """Sections to write out: those set explicitly plus the active method's own (with defaults)."""
+        from udaseg.methods import method_entry
+
+        items = dict(self.sections)
+        own = method_entry(self.name).section
+        if own is not None and own not in items:
+            items[own] = getattr(self, own)
+        return items
+
+    def validate(self) -> None:
+        from udaseg.methods import method_entry
+
+        method_entry(self.name)
 
 
 @dataclass
@@ -324,6 +310,44 @@ class EvalConfig:
 
 
 @dataclass
+class PassConfig:
+    """An offline pass run before a stage, on the previous stage's final weights.
+
+    Its files go to ``<train.work_dir>/<name>/``. ``dataset`` defaults to the stage's target set
+    (``pseudo_labels``) or source set (``class_prototypes``), always without random crop and flip.
+    """
+
+    name: str = ""
+    kind: str = "pseudo_labels"  # pseudo_labels | class_prototypes | a registered pass
+    dataset: Optional[DatasetConfig] = None
+    model: Literal["student", "teacher"] = "teacher"
+    threshold: float = 0.0  # pseudo_labels: pixels whose max softmax is below it become 255
+    options: dict = field(default_factory=dict)  # kind-specific extras (class_prototypes: tap)
+
+    def validate(self) -> None:
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise UserError(f"offline pass name {self.name!r} must be a plain folder name")
+
+
+@dataclass
+class StageConfig:
+    """One stage of a pipeline: an ordinary training run in ``<train.work_dir>/<name>/``.
+
+    ``config`` is a partial config (same keys as a preset) that updates the run's config for this
+    stage; ``{work_dir}`` in its strings stands for the pipeline's ``train.work_dir``. A stage
+    starts from the previous stage's final weights (``model.init_from``) unless it sets its own.
+    """
+
+    name: str = ""
+    before: list[PassConfig] = field(default_factory=list)  # offline passes run before the stage
+    config: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise UserError(f"stage name {self.name!r} must be a plain folder name")
+
+
+@dataclass
 class Config:
     name: str = "custom"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -333,6 +357,7 @@ class Config:
     method: MethodConfig = field(default_factory=MethodConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     reference: dict = field(default_factory=dict)  # published numbers this preset reproduces
+    stages: list[StageConfig] = field(default_factory=list)  # a pipeline of training runs (engine.pipeline)
 
     def __post_init__(self) -> None:
         resolve_method_defaults(self)

@@ -64,6 +64,11 @@ def train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(config_to_yaml(cfg))
         return 0
+    stage = getattr(args, "stage", None)
+    if cfg.stages:
+        return _train_pipeline(cfg, resume, stage, getattr(args, "overwrite", False))
+    if stage:
+        raise UserError(f"--stage {stage}: the config has no stages")
     from udaseg.engine.trainer import Trainer
 
     trainer = Trainer(cfg, resume=resume, overwrite=getattr(args, "overwrite", False))
@@ -84,6 +89,19 @@ def train(args: argparse.Namespace) -> int:
         teacher = summary.get(f"teacher/{summary['dataset']}")
         if teacher is not None:
             print(f"final teacher mIoU on {summary['dataset']}: {100 * teacher['miou']:.2f}")
+    dist.cleanup()
+    return 0
+
+
+def _train_pipeline(cfg: Config, resume: Optional[str], stage: Optional[str], overwrite: bool = False) -> int:
+    from udaseg.engine.pipeline import run_pipeline
+
+    if resume not in (None, "latest"):
+        raise UserError("a pipeline resumes from its work dir: use --resume without a file "
+                        "(or resume one stage's run with --resume <stage>/latest.pt and no --config)")
+    summary = run_pipeline(cfg, resume=resume is not None, only_stage=stage, overwrite=overwrite)
+    if dist.is_main() and summary:
+        print(f"final student mIoU on {summary['dataset']}: {100 * summary['miou']:.2f}")
     dist.cleanup()
     return 0
 
