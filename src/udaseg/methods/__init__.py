@@ -28,6 +28,7 @@ names a module, or an object inside one, whose import calls :func:`register_meth
 | ``daformer`` | ``daformer.py`` | DACS + ImageNet feature distance (+ RCS and warm-up from the data/optim config) |
 | ``sepico`` | ``sepico.py`` | DAFormer-style self-training + semantic-guided pixel contrast |
 | ``t2sda`` | ``t2sda.py`` | self-training + pulling target to source |
+| ``pgpc`` | ``pgpc.py`` | DAFormer self-training + pseudo-label guided pixel contrast |
 """
 
 from __future__ import annotations

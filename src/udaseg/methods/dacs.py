@@ -41,6 +41,7 @@ from udaseg.methods.base import SupervisedSegmentation, output_losses, segmentat
 AUG_FLAGS = "augmentation_flags"
 PSEUDO = "target_pseudo"
 MONITOR = "monitor_labels"  # view name -> held-back ground truth aligned with that view (monitoring only)
+MIX_MASKS = "class_mix_masks"  # B×H×W bool, True on pasted source pixels of the 'mixed' view
 
 
 def monitor_label(ctx: StepContext, batch: dict, view: str) -> Optional[Tensor]:
@@ -133,6 +134,7 @@ class PseudoLabelSelfTraining(Objective):
         if self.cfg.mix == "class":
             source = ctx.view(self.source_view)
             masks = class_mix_masks(source.label, ctx.generator, tuple(self.cfg.mix_exclude_classes))
+            ctx.state[MIX_MASKS] = masks
             image = mix(masks, source.image, target.image)
             label = mix(masks, source.label, pseudo["labels"])
             weight = mix(masks, torch.ones_like(pseudo["weight"]), pseudo["weight"])
