@@ -295,3 +295,20 @@ def test_training_with_rare_class_sampling_on_a_folder_dataset(fake_domains, tmp
         Trainer(cfg, progress=False)
     assert main(["prepare", "folder", "--root", str(source), "--nproc", "1"]) == 0
     assert Trainer(cfg, progress=False).train()["miou"] >= 0.0
+
+
+def test_a_pipeline_refuses_a_used_work_dir_unless_resumed_or_overwritten(fake_domains, tmp_path):
+    from udaseg.engine.pipeline import run_pipeline
+
+    from .test_pipeline import pipeline_config
+
+    cfg = pipeline_config(fake_domains, tmp_path / "run")
+    run_pipeline(cfg, progress=False)
+    before = snapshot(tmp_path / "run")
+    with pytest.raises(UserError, match="is not empty"):
+        run_pipeline(pipeline_config(fake_domains, tmp_path / "run"), progress=False)
+    assert snapshot(tmp_path / "run") == before
+    run_pipeline(pipeline_config(fake_domains, tmp_path / "run"), progress=False, resume=True)  # all done: no-op
+    summary = run_pipeline(pipeline_config(fake_domains, tmp_path / "run"), progress=False, overwrite=True)
+    assert summary["miou"] >= 0.0
+    assert load_checkpoint(tmp_path / "run" / "selftrain" / "final.pt")["iteration"] == 4
