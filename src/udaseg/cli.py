@@ -8,6 +8,7 @@ import sys
 from typing import Callable, Optional, Sequence
 
 from udaseg import __version__
+from udaseg.engine.signals import TrainingInterrupted
 from udaseg.errors import UserError
 
 # Each subcommand names the module and function that runs it, imported only when used so that
@@ -28,6 +29,8 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", help="preset name or YAML file")
     p.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="resume from a checkpoint file, or from the latest one in the work dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in a run folder that holds an earlier run (deletes that run's files)")
     p.add_argument("--stage", help="run one stage of a pipeline (with the offline passes before it)")
     p.add_argument("--list", action="store_true", help="list the shipped presets and exit")
     p.add_argument("--print-config", action="store_true", help="print the effective config and exit")
@@ -53,7 +56,7 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
 
 
 def _add_prepare(p: argparse.ArgumentParser) -> None:
-    p.add_argument("dataset", help="gta5 | synthia | cityscapes | darkzurich | acdc | bdd100k | mapillary | digits")
+    p.add_argument("dataset", help="gta5 | synthia | cityscapes | darkzurich | acdc | bdd100k | mapillary | folder | digits")
     p.add_argument("--root", help="dataset root folder")
     p.add_argument("--out", help="output folder (digits export)")
     p.add_argument("--nproc", type=int, default=2, help="worker processes")
@@ -164,6 +167,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UserError as err:
         print(f"udaseg {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as stop:
+        print(f"udaseg {args.command}: {stop}", file=sys.stderr)
+        return stop.exit_status
     except KeyboardInterrupt:
         print(f"udaseg {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -43,7 +43,8 @@ def run_experiment(cfg: Config, progress: bool = True) -> dict:
     resume = None
     if (work_dir / "latest.pt").exists() and _same_config(work_dir, cfg):
         resume = "latest"
-    trainer = Trainer(cfg, resume=resume, progress=progress)
+    # a folder holding another config's (or an unfinished first) run is this experiment's to redo
+    trainer = Trainer(cfg, resume=resume, progress=progress, overwrite=resume is None)
     summary = trainer.train() if trainer.iteration < cfg.train.iterations else trainer.evaluate_all(teacher_too=True)
     result = {"config": to_dict(cfg), "name": cfg.name, "method": cfg.method.name, "seed": cfg.train.seed,
               "iterations": cfg.train.iterations, "evaluation": _jsonable(summary)}

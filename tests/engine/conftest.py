@@ -44,7 +44,8 @@ def tiny_config(preset, source: Path, target: Path, work_dir: Path, iterations: 
         f"model.name={model}", "model.num_classes=3", "model.pretrained=", "model.options={}", f"train.iterations={iterations}",
         f"train.work_dir={work_dir}", "train.eval_interval=1000", "train.checkpoint_interval=1000",
         "train.log_interval=1", "data.batch_size=2", "data.workers=0", "optim.warmup_iters=1", "eval.protocol=all",
-        "method.self_training.ignore_top=0", "method.self_training.ignore_bottom=0", *extra,
+        "method.self_training.ignore_top=0", "method.self_training.ignore_bottom=0",
+        "method.self_training.feature_distance.classes=[1]", *extra,
     ])
     for spec, root in ((cfg.data.source, source), (cfg.data.target, target)):
         if spec is not None:

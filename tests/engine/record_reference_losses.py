@@ -34,7 +34,11 @@ CASES: dict[str, tuple[str, str, list[str]]] = {
     "sepico_proto": ("sepico_protocl_daformer_gta2cs", "daformer_tiny", []),
     "sepico_bank": ("sepico_bankcl_deeplabv2_gta2cs", "deeplabv2_tiny", []),
     "sepico_dist": ("sepico_distcl_daformer_gta2cs", "daformer_tiny", []),
-    "t2sda": ("t2sda_daformer_gta2cs", "daformer_tiny", ["method.t2sda.feature=enc2"]),
+    # The preset's FD reads Cityscapes thing classes, which a 3-class model must name; weight 0 keeps
+    # the FD term at the exact 0 it contributed when these trajectories were recorded.
+    "t2sda": ("t2sda_daformer_gta2cs", "daformer_tiny", ["method.t2sda.feature=enc2",
+                                                        "method.self_training.feature_distance.classes=[0]",
+                                                        "method.self_training.feature_distance.weight=0.0"]),
 }
 
 SEPICO_OVERRIDES = ["method.sepico.warmup_iters=5", "method.sepico.proj_dim=16",

@@ -66,7 +66,9 @@ def test_two_stage_pipeline_layout_and_handover(fake_domains, tmp_path):
     assert np.all((label == 255) == (confidence < 0.4)) and set(np.unique(label)) <= {0, 1, 2, 255}
     assert (root / "pseudo" / "pass.json").is_file()
     # the second stage started from the first one's final weights
-    trainer = Trainer(build_stages(cfg)[1].cfg, progress=False)
+    second = build_stages(cfg)[1].cfg
+    second.train.work_dir = str(tmp_path / "probe")  # its own folder holds the finished stage
+    trainer = Trainer(second, progress=False)
     warm = load_checkpoint(root / "warmup" / "final.pt")["model"]
     for name, value in trainer.model.state_dict().items():
         torch.testing.assert_close(value, warm[name], rtol=0, atol=0)

@@ -57,3 +57,33 @@ def test_sum_reduction_weighs_classes_by_query_count_mean_does_not():
     assert reduce("paper_sum", [4, 4]) == reduce("paper_sum", [2, 6])
     assert reduce("paper_sum", [2, 2]) * 2 == reduce("paper_sum", [4, 4])
     assert reduce("mean", [2, 6]) == reduce("mean", [4, 4]) == reduce("mean", [1, 1]) == 1.0
+
+
+def test_dg_run_says_which_of_the_papers_translation_kinds_ran(capsys):
+    from udaseg.methods.t2sda import build_pseudo_target_translator, translation_coverage
+
+    cfg = load_config("t2sda_dg_daformer_mitb5_gta").method.t2sda
+    build_pseudo_target_translator(cfg)
+    err = capsys.readouterr().err
+    assert ("runs 2 of the paper's 5 translation kinds: weather (D), cartoon (E); also style_stats "
+            "(not one of the paper's); not run: fda (A), style_augmentation (B), adain (C)") in err
+    assert translation_coverage(["fda", "weather"], []).startswith(
+        "domain generalisation runs 2 of the paper's 5 translation kinds: fda (A), weather (D)")
+
+
+def test_daformer_alone_includes_feature_distance_and_fits_its_classes():
+    from udaseg.errors import UserError
+    import pytest
+
+    cfg = load_config(None, ["method.name=daformer"])
+    assert cfg.method.self_training.feature_distance.enabled
+    assert cfg.method.self_training.feature_distance.classes == [6, 7, 11, 12, 13, 14, 15, 16, 17, 18]
+    assert not load_config(None, ["method.name=dacs"]).method.self_training.feature_distance.enabled
+    with pytest.raises(UserError, match="feature_distance.classes' must list the thing classes of this 3-class"):
+        load_config(None, ["method.name=daformer", "model.num_classes=3"])
+    with pytest.raises(UserError, match="must hold class indices of the 3-class model"):
+        load_config(None, ["method.name=daformer", "model.num_classes=3",
+                           "method.self_training.feature_distance.classes=[1, 5]"])
+    ok = load_config(None, ["method.name=daformer", "model.num_classes=3",
+                            "method.self_training.feature_distance.classes=[2]"])
+    assert ok.method.self_training.feature_distance.classes == [2]

@@ -57,7 +57,8 @@ def tiny_config(preset, domains, work_dir, iterations=2, extra=()):
         "method.self_training.ignore_bottom=0", "method.pgpc.warmup_iters=1", "method.pgpc.proj_dim=16",
         "method.pgpc.rank=1", "method.pgpc.anchors_per_class=8", "method.pgpc.negatives=16",
         "method.pgpc.source_bank_size=12", "method.pgpc.source_enqueue_per_class=5",
-        "method.pgpc.target_bank_size=40", "method.pgpc.target_enqueue_per_image=12", *extra,
+        "method.pgpc.target_bank_size=40", "method.pgpc.target_enqueue_per_image=12", "method.self_training.feature_distance.classes=[1]",
+        *extra,
     ])
     for spec, root in ((cfg.data.source, domains["source"]), (cfg.data.target, domains["target"])):
         spec.name, spec.root, spec.split, spec.options = "folder", str(root), "train", {}

@@ -108,7 +108,8 @@ def step_config(extra=()):
         "method.pgpc.warmup_iters=1", "method.pgpc.proj_dim=16", "method.pgpc.rank=1",
         "method.pgpc.anchors_per_class=6", "method.pgpc.negatives=10", "method.pgpc.source_bank_size=20",
         "method.pgpc.target_bank_size=64", "method.pgpc.target_enqueue_per_image=16",
-        "method.self_training.ignore_top=8", "method.self_training.ignore_bottom=0", *extra,
+        "method.self_training.ignore_top=8", "method.self_training.ignore_bottom=0", "method.self_training.feature_distance.classes=[1]",
+        *extra,
     ])
 
 

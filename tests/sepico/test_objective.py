@@ -56,11 +56,13 @@ def save_pair(root: Path, split: str, name: str, label: np.ndarray, shift: int, 
     Image.fromarray(label).save(root / "labels" / split / f"{name}.png")
 
 
-def make_folder(root: Path, height: int, width: int, shift: int, seed: int, count: int = 4) -> Path:
+def make_folder(root: Path, height: int, width: int, shift: int, seed: int, count: int = 4,
+                num_classes: int = 3) -> Path:
     rng = np.random.default_rng(seed)
     for i in range(count):
         save_pair(root, "train", f"{i:03d}", block_label(rng, height, width), shift, rng)
-    (root / "classes.yaml").write_text(yaml.safe_dump({"classes": ["a", "b", "c"], "ignore_index": 255}))
+    names = ["a", "b", "c"] + [f"class{i}" for i in range(3, num_classes)]
+    (root / "classes.yaml").write_text(yaml.safe_dump({"classes": names, "ignore_index": 255}))
     return root
 
 
@@ -94,6 +96,7 @@ def single_thread():
 def domains(tmp_path_factory):
     base = tmp_path_factory.mktemp("sepico_domains")
     return {"source": make_folder(base / "source", CROP, CROP, 0, 1),
+            "source19": make_folder(base / "source19", CROP, CROP, 0, 1, num_classes=19),
             "target": make_folder(base / "target", H, W, 90, 2),
             "dark": make_dark_zurich(base / "dark")}
 
@@ -109,7 +112,7 @@ def preset_config(preset, domains, work_dir, iterations=2, extra=()):
         f"method.sepico.target_crop_size=[{CROP}, {CROP}]", *extra,
     ])
     source = cfg.data.source
-    source.name, source.root, source.split = "folder", str(domains["source"]), "train"
+    source.name, source.root, source.split = "folder", str(domains["source19" if dark else "source"]), "train"
     source.resize, source.crop_size, source.rcs.enabled = None, [CROP, CROP], False
     target = cfg.data.target
     if dark:

@@ -73,7 +73,8 @@ def tiny_config(preset, domains, work_dir, iterations=2, extra=(), size=32):
         f"train.work_dir={work_dir}", "train.eval_interval=1000", "train.checkpoint_interval=1000",
         "train.log_interval=1", "data.batch_size=2", "data.workers=0", "optim.warmup_iters=1", "eval.protocol=all",
         "method.self_training.ignore_top=0", "method.self_training.ignore_bottom=0", "method.t2sda.proj_dim=16",
-        "method.t2sda.base_queries=8", "method.t2sda.negatives=32", *extra,
+        "method.t2sda.base_queries=8", "method.t2sda.negatives=32", "method.self_training.feature_distance.classes=[1]",
+        *extra,
     ])
     suffix = "" if size == 32 else str(size)
     for spec, root in ((cfg.data.source, domains["source" + suffix]), (cfg.data.target, domains["target" + suffix])):
@@ -328,7 +329,8 @@ def test_dg_with_reference_folder_uses_fda(domains):
 def test_bad_settings_raise_user_errors(override, message):
     extra = ["method.t2sda.domain_generalisation=true"] if "dg_" in override else []
     cfg = load_config("t2sda_daformer_gta2cs", ["model.name=daformer_tiny", "model.num_classes=3",
-                                                "model.pretrained=", "model.options={}", override, *extra])
+                                                "model.pretrained=", "model.options={}", override, *extra,
+                                                "method.self_training.feature_distance.classes=[1]"])
     with pytest.raises(UserError, match=message):
         build_method(cfg, build_model("daformer_tiny", 3))
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
+import math
 import types
 import typing
 from typing import Any, Union, get_args, get_origin, get_type_hints
@@ -101,14 +103,19 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
             return value
         raise UserError(f"config key '{path}' expects int, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads '3e-3' (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads '3e-3' (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise UserError(f"config key '{path}' expects float, got {value!r}")
+        if number is None:
+            raise UserError(f"config key '{path}' expects float, got {value!r}")
+        if not math.isfinite(number):
+            raise UserError(f"config key '{path}' must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -159,7 +166,10 @@ def from_dict(cls: type, data: dict, path: str = "") -> Any:
     obj = cls(**kwargs)
     validate = getattr(obj, "validate", None)
     if callable(validate):
-        validate()
+        if "path" in inspect.signature(validate).parameters:
+            validate(path=path)
+        else:
+            validate()
     return obj
 
 

@@ -7,8 +7,9 @@ papers and code disagree (see the method docs).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from udaseg.errors import UserError
 
@@ -20,6 +21,42 @@ IMAGENET_MEAN = [123.675, 116.28, 103.53]
 IMAGENET_STD = [58.395, 57.12, 57.375]
 
 
+def _key(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def require(ok: bool, path: str, name: str, value: Any, why: str) -> None:
+    """Raise the one-line ``UserError`` ``config key '<path>.<name>' <why>, got <value>`` unless ``ok``."""
+    if not ok:
+        raise UserError(f"config key '{_key(path, name)}' {why}, got {value!r}")
+
+
+def require_range(path: str, name: str, value: float, low: Optional[float] = None, high: Optional[float] = None,
+                  low_open: bool = False, high_open: bool = False) -> None:
+    """``low <= value <= high`` (``<`` where open); either bound may be ``None``."""
+    ok = True
+    if low is not None:
+        ok = ok and (value > low if low_open else value >= low)
+    if high is not None:
+        ok = ok and (value < high if high_open else value <= high)
+    if ok:
+        return
+    if low is not None and high is not None:
+        why = f"must lie in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    elif low is not None:
+        why = f"must be {'>' if low_open else '>='} {low:g}"
+    else:
+        why = f"must be {'<' if high_open else '<='} {high:g}"
+    require(False, path, name, value, why)
+
+
+def require_pair(path: str, name: str, value: Optional[list], optional: bool = True) -> None:
+    """Two positive ints (``[h, w]`` or ``[w, h]``)."""
+    if value is None and optional:
+        return
+    require(value is not None and len(value) == 2 and min(value) > 0, path, name, value, "expects two positive ints")
+
+
 @dataclass
 class RCSConfig:
     """Rare class sampling (DAFormer): temperature softmax over class frequencies."""
@@ -28,6 +65,11 @@ class RCSConfig:
     temperature: float = 0.01
     min_pixels: int = 3000
     min_crop_ratio: float = 0.5
+
+    def validate(self, path: str = "rcs") -> None:
+        require_range(path, "temperature", self.temperature, 0.0, low_open=True)
+        require_range(path, "min_pixels", self.min_pixels, 0)
+        require_range(path, "min_crop_ratio", self.min_crop_ratio, 0.0, 1.0)
 
 
 @dataclass
@@ -48,13 +90,12 @@ class DatasetConfig:
     options: dict = field(default_factory=dict)  # dataset-specific extras (e.g. ACDC condition)
     pseudo_labels: str = ""  # folder of an offline 'pseudo_labels' pass: labels are read from there
 
-    def validate(self) -> None:
+    alias: str = ""  # the key of this set's results when evaluated (default: name:split, plus root if repeated)
+
+    def validate(self, path: str = "") -> None:
         for key in ("resize", "crop_size"):
-            value = getattr(self, key)
-            if value is not None and (len(value) != 2 or min(value) <= 0):
-                raise UserError(f"config key '{key}' expects two positive ints, got {value!r}")
-        if not 0.0 < self.cat_max_ratio <= 1.0:
-            raise UserError(f"config key 'cat_max_ratio' must lie in (0, 1], got {self.cat_max_ratio}")
+            require_pair(path, key, getattr(self, key))
+        require_range(path, "cat_max_ratio", self.cat_max_ratio, 0.0, 1.0, low_open=True)
 
 
 @dataclass
@@ -67,6 +108,13 @@ class DataConfig:
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
 
+    def validate(self, path: str = "data") -> None:
+        require_range(path, "batch_size", self.batch_size, 1)
+        require_range(path, "workers", self.workers, 0)
+        require(len(self.mean) == 3, path, "mean", self.mean, "expects three values (R, G, B in 0-255 units)")
+        require(len(self.std) == 3 and min(self.std) > 0, path, "std", self.std,
+                "expects three positive values (R, G, B in 0-255 units)")
+
 
 @dataclass
 class ModelConfig:
@@ -76,6 +124,9 @@ class ModelConfig:
     options: dict = field(default_factory=dict)  # constructor overrides (e.g. drop_path_rate)
     init_from: str = ""  # a udaseg checkpoint whose weights (only) start the run
     init_from_model: Literal["student", "teacher"] = "student"  # which of its models
+
+    def validate(self, path: str = "model") -> None:
+        require_range(path, "num_classes", self.num_classes, 1, 255)
 
 
 @dataclass
@@ -92,12 +143,24 @@ class OptimConfig:
     warmup_iters: int = field(default=1500, metadata=ITERATION_COUNT)
     warmup_ratio: float = 1e-6
 
+    def validate(self, path: str = "optim") -> None:
+        require_range(path, "lr", self.lr, 0.0, low_open=True)
+        require_range(path, "head_lr_mult", self.head_lr_mult, 0.0)
+        require_range(path, "weight_decay", self.weight_decay, 0.0)
+        require_range(path, "momentum", self.momentum, 0.0, 1.0)
+        require(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas), path, "betas", self.betas,
+                "expects two values in [0, 1)")
+        require_range(path, "power", self.power, 0.0)
+        require_range(path, "min_lr", self.min_lr, 0.0)
+        require_range(path, "warmup_iters", self.warmup_iters, 0)
+        require_range(path, "warmup_ratio", self.warmup_ratio, 0.0, 1.0)
+
 
 @dataclass
 class TrainConfig:
     iterations: int = 40000
     seed: int = 0
-    work_dir: str = "runs/default"
+    work_dir: str = ""  # '' -> runs/<config name>
     eval_interval: int = 1000
     checkpoint_interval: int = 1000
     keep_last: int = 2
@@ -111,16 +174,31 @@ class TrainConfig:
     deterministic: bool = False
     eval_teacher: Literal["final", "every"] = "final"  # evaluate the EMA teacher at the end or at every eval
 
+    def validate(self, path: str = "train") -> None:
+        for key in ("iterations", "eval_interval", "checkpoint_interval", "log_interval", "keep_last"):
+            require_range(path, key, getattr(self, key), 1)
+        require_range(path, "seed", self.seed, 0)
+        require(re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device) is not None, path, "device", self.device,
+                "expects auto, cpu, cuda or cuda:N")
+
 
 @dataclass
 class FeatureDistanceConfig:
-    """DAFormer's thing-class ImageNet feature distance."""
+    """DAFormer's thing-class ImageNet feature distance.
 
-    enabled: bool = False
+    ``enabled=None``: on for ``daformer``, off for the other methods. ``classes=None``: the
+    Cityscapes thing classes (:data:`CITYSCAPES_THING_CLASSES`) for a 19-class model; any other
+    class set must name its thing classes.
+    """
+
+    enabled: Optional[bool] = None
     weight: float = 0.005
-    classes: list[int] = field(default_factory=lambda: [6, 7, 11, 12, 13, 14, 15, 16, 17, 18])
+    classes: Optional[list[int]] = None
     scale_min_ratio: float = 0.75
 
+
+CITYSCAPES_THING_CLASSES = [6, 7, 11, 12, 13, 14, 15, 16, 17, 18]  # light, sign, person .. bicycle
+FEATURE_DISTANCE_METHODS = ("daformer",)  # methods whose official recipe includes FD
 
 # EMA teacher momentum of each method's official code; methods not listed use DAFormer's 0.999.
 EMA_ALPHA_BY_METHOD = {"dacs": 0.99}
@@ -148,6 +226,18 @@ class SelfTrainingConfig:
     blur_sigma: list[float] = field(default_factory=lambda: [0.15, 1.15])
     augmentation_draws: Literal["shared", "per_view"] = "shared"  # jitter/blur on-off: one draw per iteration or per view
     feature_distance: FeatureDistanceConfig = field(default_factory=FeatureDistanceConfig)
+
+    def validate(self, path: str = "self_training") -> None:
+        if self.ema_alpha is not None:
+            require_range(path, "ema_alpha", self.ema_alpha, 0.0, 1.0)
+        require_range(path, "pseudo_threshold", self.pseudo_threshold, 0.0)  # above 1: no pixel is confident
+        require_range(path, "ignore_top", self.ignore_top, 0)
+        require_range(path, "ignore_bottom", self.ignore_bottom, 0)
+        require_range(path, "color_jitter_prob", self.color_jitter_prob, 0.0, 1.0)
+        require_range(path, "color_jitter_strength", self.color_jitter_strength, 0.0, 0.5)
+        require_range(path, "blur_prob", self.blur_prob, 0.0, 1.0)
+        require(len(self.blur_sigma) == 2 and 0 < self.blur_sigma[0] <= self.blur_sigma[1], path, "blur_sigma",
+                self.blur_sigma, "expects [low, high] with 0 < low <= high")
 
 
 @dataclass
@@ -208,6 +298,16 @@ class EvalConfig:
     # Dark Zurich test-time class re-weighting of SePiCo's official code (s = 0.16); None: off.
     class_prior_scale: Optional[float] = None
 
+    def validate(self, path: str = "eval") -> None:
+        require_pair(path, "crop_size", self.crop_size)
+        require_pair(path, "stride", self.stride)
+        if self.mode == "slide" and (self.crop_size is None or self.stride is None):
+            raise UserError(f"config key '{_key(path, 'mode')}' is 'slide', which needs {_key(path, 'crop_size')} "
+                            f"and {_key(path, 'stride')} (the window and its step, [h, w])")
+        require_range(path, "batch_windows", self.batch_windows, 1)
+        if self.class_prior_scale is not None:
+            require_range(path, "class_prior_scale", self.class_prior_scale, 0.0)
+
 
 @dataclass
 class PassConfig:
@@ -264,7 +364,24 @@ class Config:
 
 
 def resolve_method_defaults(cfg: Config) -> None:
-    """Fill the settings left at ``None`` ("the method's own value") from ``cfg.method.name``."""
+    """Fill the settings left empty ("the method's own value") from ``cfg.method.name``, and the run
+    folder from the config's name (``runs/<name>``)."""
+    if not cfg.train.work_dir:
+        cfg.train.work_dir = f"runs/{cfg.name}"
     self_training = cfg.method.self_training
     if self_training.ema_alpha is None:
         self_training.ema_alpha = EMA_ALPHA_BY_METHOD.get(cfg.method.name, DAFORMER_EMA_ALPHA)
+    fd = self_training.feature_distance
+    if fd.enabled is None:
+        fd.enabled = cfg.method.name in FEATURE_DISTANCE_METHODS
+    key = "method.self_training.feature_distance"
+    if fd.classes is None and cfg.model.num_classes == 19:
+        fd.classes = list(CITYSCAPES_THING_CLASSES)
+    if fd.enabled and fd.classes is None:
+        raise UserError(f"config key '{key}.classes' must list the thing classes of this "
+                        f"{cfg.model.num_classes}-class model (the default is Cityscapes' 19-class set), or set "
+                        f"{key}.enabled=false")
+    if fd.enabled:
+        outside = [c for c in fd.classes if not 0 <= c < cfg.model.num_classes]
+        require(not outside, key, "classes", fd.classes,
+                f"must hold class indices of the {cfg.model.num_classes}-class model")

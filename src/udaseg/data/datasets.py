@@ -205,6 +205,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         self.strict_labels = strict_labels
         self._trainid_lookup = trainid_lookup if trainid_lookup is not None else trainid_table(classes.num_classes)
         self._warned_unmapped = False
+        self._warned_size = False
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -244,12 +245,26 @@ class SegmentationDataset(torch.utils.data.Dataset):
                 f"{self.dataset_name}: {count} pixels of {path} have label values outside the id map "
                 f"({shown}); they are ignored (255). Other files are not reported.", stacklevel=2)
 
+    def _report_size_mismatch(self, sample: Sample, image_size: tuple, label_size: tuple) -> None:
+        """A label of another size than its image: an error for user datasets (``strict_labels``); for
+        the public datasets a warning (once), and the label is resized with the image as mmseg does."""
+        text = (f"{self.dataset_name}: label {sample.label} is {label_size[1]}x{label_size[0]} but its image "
+                f"{sample.image} is {image_size[1]}x{image_size[0]} (width x height)")
+        if self.strict_labels:
+            raise UserError(text)
+        if not self._warned_size:
+            self._warned_size = True
+            warnings.warn(text + "; the label is resized to the image. Other files are not reported.", stacklevel=3)
+
     def load_arrays(self, index: int) -> dict[str, Any]:
         """The decoded image (and label, extra images) of a sample, before the pipeline."""
         sample = self.samples[index]
         arrays: dict[str, Any] = {"image": read_image(sample.image)}
         if self.labelled:
             arrays["label"] = self.load_label(index)
+            image_size, label_size = arrays["image"].shape[:2], arrays["label"].shape[:2]
+            if image_size != label_size:
+                self._report_size_mismatch(sample, image_size, label_size)
         arrays["extra_images"] = {key: read_image(path) for key, path in sample.extra_images.items()}
         return arrays
 
@@ -781,3 +796,4 @@ class FolderDataset(SegmentationDataset):
         lookup = trainid_table(classes.num_classes, ignore_index=ignore)
         super().__init__(samples, classes, _pipeline(cfg, mean, std), root, cfg.labelled, "folder",
                          strict_labels=True, trainid_lookup=lookup)
+        self.class_file = root / "classes.yaml"

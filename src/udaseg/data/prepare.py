@@ -1,8 +1,9 @@
 """``udaseg prepare``: convert dataset labels to trainIds and write the class statistics.
 
 For GTA5, SYNTHIA, Cityscapes (from ``*_gtFine_labelIds.png``) and Mapillary every raw label file
-gets a ``*_labelTrainIds.png`` next to it. For every dataset with labelled training images the three
-class-statistics files of rare class sampling are written to the dataset root
+gets a ``*_labelTrainIds.png`` next to it. For every dataset with labelled training images (a
+``folder`` dataset of your own included) the three class-statistics files of rare class sampling
+are written to the dataset root
 (``sample_class_stats.json``, ``sample_class_stats_dict.json``, ``samples_with_class.json``; format in
 ``udaseg.data.sampling``). Only the train split is counted.
 
@@ -36,12 +37,13 @@ from udaseg.data.sampling import (
 )
 from udaseg.errors import UserError
 
-PREPARABLE = ("gta5", "synthia", "cityscapes", "mapillary", "acdc", "bdd100k", "darkzurich")
+PREPARABLE = ("gta5", "synthia", "cityscapes", "mapillary", "acdc", "bdd100k", "darkzurich", "folder")
 ALIASES = {"gta": "gta5", "dark_zurich": "darkzurich", "dz": "darkzurich", "bdd": "bdd100k"}
 STATS_FILES = (STATS_FILE, STATS_DICT_FILE, SAMPLES_WITH_CLASS_FILE)
 
-# (raw label, its reader, its id table, converted output, label read otherwise, force, need counts)
-Job = tuple[Optional[str], str, Optional[str], Optional[str], Optional[str], bool, bool]
+# (raw label, its reader, its id table, converted output, label read otherwise, force, need counts,
+#  class count, the value the label files use for "ignore")
+Job = tuple[Optional[str], str, Optional[str], Optional[str], Optional[str], bool, bool, int, int]
 
 
 def _process(job: Job) -> tuple[str, Optional[dict[int, int]], int, bool]:
@@ -49,7 +51,7 @@ def _process(job: Job) -> tuple[str, Optional[dict[int, int]], int, bool]:
 
     Returns ``(recorded file, class counts or None, unmapped pixels, whether a file was written)``.
     """
-    raw, reader, table_name, converted, label_file, force, need_counts = job
+    raw, reader, table_name, converted, label_file, force, need_counts, num_classes, ignore = job
     if converted is not None and raw is not None and table_name is not None and (force or not Path(converted).exists()):
         label, n_unmapped = map_ids(read_label_values(Path(raw), reader), ID_TABLES[table_name])
         write_label_png(Path(converted), label)
@@ -59,8 +61,8 @@ def _process(job: Job) -> tuple[str, Optional[dict[int, int]], int, bool]:
         raise UserError(f"no label file for {raw}")
     if not need_counts:
         return source, None, 0, False
-    label, n_unmapped = map_ids(read_label_values(Path(source), "index"), trainid_table(19))
-    return source, class_pixel_counts(label), n_unmapped, False
+    label, n_unmapped = map_ids(read_label_values(Path(source), "index"), trainid_table(num_classes, ignore))
+    return source, class_pixel_counts(label, num_classes), n_unmapped, False
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -69,12 +71,13 @@ def _write_json(path: Path, data: Any) -> None:
     tmp.replace(path)
 
 
-def _jobs(dataset: SegmentationDataset, force: bool, need_counts: bool) -> list[Job]:
+def _jobs(dataset: SegmentationDataset, force: bool, need_counts: bool, ignore: int = 255) -> list[Job]:
     def text(path: Optional[Path]) -> Optional[str]:
         return str(path) if path is not None else None
 
-    return [(text(s.raw_label), s.raw_reader, s.raw_table, text(s.converted), text(s.label), force, need_counts)
-            for s in dataset.samples]
+    num_classes = dataset.classes.num_classes
+    return [(text(s.raw_label), s.raw_reader, s.raw_table, text(s.converted), text(s.label), force, need_counts,
+             num_classes, ignore) for s in dataset.samples]
 
 
 def _run_pool(jobs: list[Job], nproc: int, desc: str) -> list[tuple[str, Optional[dict[int, int]], int, bool]]:
@@ -97,8 +100,13 @@ def prepare_dataset(name: str, root: Path, nproc: int = 2, force: bool = False) 
     """Convert labels and write class statistics for dataset ``name`` at ``root``; returns a summary."""
     cfg = DatasetConfig(name=name, root=str(root), split="train", labelled=True)
     dataset = DATASETS[name](cfg, IMAGENET_MEAN, IMAGENET_STD)
+    ignore = 255
+    if name == "folder":
+        from udaseg.data.datasets import load_class_file
+
+        _, ignore = load_class_file(root / "classes.yaml")
     stats_done = all((root / f).is_file() for f in STATS_FILES) and not force
-    jobs = _jobs(dataset, force, need_counts=not stats_done)
+    jobs = _jobs(dataset, force, need_counts=not stats_done, ignore=ignore)
     results = _run_pool(jobs, nproc, f"prepare {name}")
     written = sum(1 for r in results if r[3])
     unmapped = sum(r[2] for r in results)

@@ -90,6 +90,8 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device, None]
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises many types for damaged files
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if reason.startswith("Weights only load failed"):
+            reason = "torch cannot read it with weights_only=True (damaged, or it holds pickled objects)"
         raise UserError(f"cannot read checkpoint {path} (corrupt or not a udaseg checkpoint): {reason}") from None
     if not isinstance(state, dict):
         raise UserError(f"checkpoint {path} does not hold a dict (got {type(state).__name__})")
@@ -113,6 +115,16 @@ def _atomic_alias(source: Path, alias: Path) -> None:
     _fsync_dir(alias.parent)
 
 
+def _same_bytes(a: Path, b: Path, chunk: int = 1 << 20) -> bool:
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            x, y = fa.read(chunk), fb.read(chunk)
+            if x != y:
+                return False
+            if not x:
+                return True
+
+
 def _copy_into(source: Path, handle: Any) -> None:
     with open(source, "rb") as src:
         shutil.copyfileobj(src, handle)
@@ -134,11 +146,12 @@ class CheckpointManager:
         self.work_dir = Path(work_dir)
         self.keep_last = keep_last
         self.mode = mode
-        try:
-            self.work_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise UserError(f"cannot create work dir {self.work_dir}: {error.strerror or error}") from None
-        if not os.access(self.work_dir, os.W_OK | os.X_OK):
+        # The folder is created by the first save, so a run that fails its checks leaves nothing;
+        # a folder that can never be created is reported now.
+        existing = next((p for p in (self.work_dir, *self.work_dir.parents) if p.exists()), None)
+        if existing is not None and not existing.is_dir():
+            raise UserError(f"work dir {self.work_dir} is not writable: {existing} is a file")
+        if self.work_dir.is_dir() and not os.access(self.work_dir, os.W_OK | os.X_OK):
             raise UserError(f"work dir is not writable: {self.work_dir}")
         self._best = self._read_best()
 
@@ -154,20 +167,40 @@ class CheckpointManager:
         return self.work_dir / f"iter_{iteration}.pt"
 
     @property
-    def best(self) -> Optional[dict[str, float]]:
-        """``{"metric": value, "iteration": n}`` of the best checkpoint so far, or ``None``."""
+    def best(self) -> Optional[dict[str, Any]]:
+        """``{"metric": value, "iteration": n, ...}`` of the best checkpoint so far, or ``None``.
+
+        Besides the value, ``best.json`` names what was measured (``metric_name``, ``model``,
+        ``dataset``) when the trainer said so.
+        """
         return None if self._best is None else dict(self._best)
 
-    def _read_best(self) -> Optional[dict[str, float]]:
+    def _read_best(self) -> Optional[dict[str, Any]]:
         record = self.work_dir / "best.json"
         if not record.is_file():
             return None
         try:
             data = json.loads(record.read_text())
-            return {"metric": float(data["metric"]), "iteration": int(data["iteration"])}
+            return {**data, "metric": float(data["metric"]), "iteration": int(data["iteration"])}
         except (ValueError, KeyError, TypeError):
             warnings.warn(f"ignoring unreadable best-checkpoint record {record}")
             return None
+
+    def repair_best(self) -> bool:
+        """Make ``best.pt`` the iteration file ``best.json`` names again (after a kill between the two
+        writes); returns whether it had to change anything."""
+        if self._best is None:
+            return False
+        source = self.iteration_path(int(self._best["iteration"]))
+        if not source.is_file():
+            return False
+        if self.best_path.is_file() and os.path.samefile(source, self.best_path):
+            return False
+        if self.best_path.is_file() and self.best_path.stat().st_size == source.stat().st_size and \
+                _same_bytes(source, self.best_path):
+            return False
+        _atomic_alias(source, self.best_path)
+        return True
 
     def _is_better(self, metric: float) -> bool:
         if math.isnan(metric):
@@ -187,27 +220,32 @@ class CheckpointManager:
                 found.append(int(match.group(1)))
         return sorted(found)
 
-    def save(self, iteration: int, state: dict, metric: Optional[float] = None) -> Path:
+    def save(self, iteration: int, state: dict, metric: Optional[float] = None,
+             about: Optional[dict[str, Any]] = None) -> Path:
         """Write ``iter_{iteration}.pt``, update ``latest.pt`` (and ``best.pt`` if ``metric``
-        improves on the best so far), then prune old iteration files."""
+        improves on the best so far), then prune old iteration files. ``about`` describes the metric
+        (e.g. ``{"metric_name": "miou", "model": "student", "dataset": "cityscapes:val"}``)."""
         path = save_checkpoint(self.iteration_path(iteration), state)
         _atomic_alias(path, self.latest_path)
         if metric is not None:
-            self.update_best(iteration, float(metric))
+            self.update_best(iteration, float(metric), about)
         self.prune()
         return path
 
-    def update_best(self, iteration: int, metric: float) -> bool:
-        """Record ``metric`` for the saved ``iter_{iteration}.pt``; copy it to ``best.pt`` if better."""
+    def update_best(self, iteration: int, metric: float, about: Optional[dict[str, Any]] = None) -> bool:
+        """Record ``metric`` for the saved ``iter_{iteration}.pt``; link it as ``best.pt`` if better.
+
+        ``best.json`` is written first: a kill before ``best.pt`` follows leaves a record that
+        :meth:`repair_best` completes (the iteration file it names is never pruned)."""
         if not self._is_better(metric):
             return False
         source = self.iteration_path(iteration)
         if not source.is_file():
             raise UserError(f"checkpoint file not found: {source}")
-        _atomic_alias(source, self.best_path)
-        self._best = {"metric": metric, "iteration": iteration}
+        self._best = {"metric": metric, "iteration": iteration, **(about or {})}
         payload = json.dumps(self._best).encode()
         _atomic_write(self.work_dir / "best.json", lambda handle: handle.write(payload))
+        _atomic_alias(source, self.best_path)
         return True
 
     def prune(self) -> list[Path]:

@@ -27,11 +27,20 @@ def train(args: argparse.Namespace) -> int:
     if args.list:
         print("\n".join(list_presets()))
         return 0
+    if args.resume and "=" in args.resume and not Path(args.resume).exists():
+        # '--resume key=value': the override was read as --resume's optional value
+        args.overrides = [args.resume, *args.overrides]
+        args.resume = "latest"
     if not args.config and not args.resume:
         raise UserError("give a preset or config file with --config (see 'udaseg train --list')")
+    if args.resume and getattr(args, "overwrite", False):
+        raise UserError("--resume and --overwrite exclude each other")
     cfg = load_config(args.config, args.overrides) if args.config else None
     resume = args.resume
     if cfg is None:
+        if resume == "latest":
+            raise UserError("--resume without --config needs a checkpoint file (e.g. --resume runs/NAME/latest.pt), "
+                            "or give the run's config with --config")
         state = load_checkpoint(Path(resume))
         cfg = config_from_checkpoint(state, Path(resume), args.overrides)
     if args.print_config:
@@ -39,29 +48,40 @@ def train(args: argparse.Namespace) -> int:
         return 0
     stage = getattr(args, "stage", None)
     if cfg.stages:
-        return _train_pipeline(cfg, resume, stage)
+        return _train_pipeline(cfg, resume, stage, getattr(args, "overwrite", False))
     if stage:
         raise UserError(f"--stage {stage}: the config has no stages")
     from udaseg.engine.trainer import Trainer
 
-    trainer = Trainer(cfg, resume=resume)
+    trainer = Trainer(cfg, resume=resume, overwrite=getattr(args, "overwrite", False))
+    if trainer.finished:
+        if dist.is_main():
+            print(f"udaseg train: the run in {cfg.train.work_dir} is already finished (iteration {trainer.iteration} "
+                  f"of {cfg.train.iterations}); nothing to train. Evaluate it with 'udaseg eval --checkpoint "
+                  f"{Path(cfg.train.work_dir) / 'latest.pt'}'")
+        dist.cleanup()
+        return 0
     if dist.is_main():
         print(f"udaseg train: {cfg.name} ({cfg.method.name}, {cfg.model.name}) -> {cfg.train.work_dir}; "
-              f"effective config in {Path(cfg.train.work_dir) / 'config.yaml'}")
+              f"effective config in {Path(cfg.train.work_dir) / 'config.yaml'}, log in "
+              f"{Path(cfg.train.work_dir) / 'train.log'}")
     summary = trainer.train()
     if dist.is_main() and summary:
         print(f"final student mIoU on {summary['dataset']}: {100 * summary['miou']:.2f}")
+        teacher = summary.get(f"teacher/{summary['dataset']}")
+        if teacher is not None:
+            print(f"final teacher mIoU on {summary['dataset']}: {100 * teacher['miou']:.2f}")
     dist.cleanup()
     return 0
 
 
-def _train_pipeline(cfg: Config, resume: Optional[str], stage: Optional[str]) -> int:
+def _train_pipeline(cfg: Config, resume: Optional[str], stage: Optional[str], overwrite: bool = False) -> int:
     from udaseg.engine.pipeline import run_pipeline
 
     if resume not in (None, "latest"):
         raise UserError("a pipeline resumes from its work dir: use --resume without a file "
                         "(or resume one stage's run with --resume <stage>/latest.pt and no --config)")
-    summary = run_pipeline(cfg, resume=resume is not None, only_stage=stage)
+    summary = run_pipeline(cfg, resume=resume is not None, only_stage=stage, overwrite=overwrite)
     if dist.is_main() and summary:
         print(f"final student mIoU on {summary['dataset']}: {100 * summary['miou']:.2f}")
     dist.cleanup()
@@ -78,10 +98,18 @@ def config_from_checkpoint(state: dict, path: Path, overrides=()) -> Config:
 
 
 # -- shared by eval / predict -----------------------------------------------------------------
+def is_udaseg_checkpoint(state: dict) -> bool:
+    return isinstance(state.get("model"), dict) and ("model_name" in state or "config" in state)
+
+
 def load_segmentor_for_inference(checkpoint: Path, config: Optional[str], overrides, use_teacher: bool = False):
+    """``(cfg, segmentor)`` from a udaseg checkpoint, or from an official release checkpoint
+    (DAFormer / SePiCo / HRDA / MIC mmseg files) converted on load, which needs ``--config``."""
     from udaseg.engine.trainer import build_segmentor, check_compatible
 
     state = load_checkpoint(checkpoint)
+    if not is_udaseg_checkpoint(state):
+        return load_release_checkpoint(checkpoint, config, overrides, use_teacher)
     cfg = load_config(config, overrides) if config else config_from_checkpoint(state, checkpoint, overrides)
     check_compatible(state, cfg, checkpoint)
     cfg.model.pretrained = ""
@@ -97,6 +125,30 @@ def load_segmentor_for_inference(checkpoint: Path, config: Optional[str], overri
     if missing:
         raise UserError(f"{checkpoint} does not match model '{cfg.model.name}': {len(missing)} missing keys "
                         f"(first: {missing[0]})")
+    return cfg, segmentor
+
+
+def load_release_checkpoint(checkpoint: Path, config: Optional[str], overrides, use_teacher: bool = False):
+    """An official release file (mmseg ``state_dict``; UDA files with ``model.*`` / ``ema_model.*``)
+    loaded into the segmentor of ``config``; the key report is printed, and a file that leaves any
+    segmentor weight unfilled is refused."""
+    from udaseg.engine.trainer import build_segmentor
+    from udaseg.models import load_pretrained
+
+    if not config:
+        raise UserError(f"{checkpoint} is not a udaseg checkpoint; to use an official release file give the "
+                        f"config of its model with --config (e.g. --config daformer_mitb5_gta2cs)")
+    cfg = load_config(config, overrides)
+    cfg.model.pretrained = ""
+    segmentor = build_segmentor(cfg)
+    report = load_pretrained(segmentor, str(checkpoint), use_ema=use_teacher)
+    needed = [k for k in report.missing if not k.startswith("proj_head.")]
+    print(f"converted release checkpoint: {report.summary()}")
+    if needed or report.mismatched:
+        detail = (f"{len(needed)} weights missing (e.g. {', '.join(needed[:2])})" if needed else
+                  f"{len(report.mismatched)} shape mismatches (e.g. {report.mismatched[0][0]}: "
+                  f"{list(report.mismatched[0][1])} vs {list(report.mismatched[0][2])})")
+        raise UserError(f"{checkpoint} ({report.format}) does not fit model '{cfg.model.name}' of {config}: {detail}")
     return cfg, segmentor
 
 
@@ -119,20 +171,30 @@ def evaluate(args: argparse.Namespace) -> int:
         raise UserError("the config has no evaluation dataset (data.val is empty)")
     device = dist.local_device(cfg.train.device)
     segmentor.to(device)
+    from udaseg.engine.checks import check_class_count
+    from udaseg.engine.logging import stdout_is_terminal
+    from udaseg.engine.run_folder import json_safe, val_set_keys
+
     results = {}
-    for spec in cfg.data.val:
-        dataset = build_dataset(spec, cfg.data.mean, cfg.data.std)
+    datasets = [build_dataset(spec, cfg.data.mean, cfg.data.std) for spec in cfg.data.val]
+    for position, (spec, dataset) in enumerate(zip(cfg.data.val, datasets)):
+        check_class_count(dataset, f"data.val[{position}]", spec, cfg.model.num_classes,
+                          fix=f"the checkpoint's model predicts {cfg.model.num_classes}; evaluate on data with its classes")
+    for key, spec, dataset in zip(val_set_keys(cfg.data.val), cfg.data.val, datasets):
         names = list(dataset.classes.names)
         result = run_eval(segmentor, dataset, cfg.eval, cfg.model.num_classes, device, names,
-                          desc=f"eval {spec.name}")
-        results[f"{spec.name}/{spec.split}"] = result
+                          progress=stdout_is_terminal(), desc=f"eval {key}")
+        results[key] = result
         print(f"\n{spec.name} ({spec.split}, {len(dataset)} images)")
         print(format_eval_tables(result))
-    out = Path(args.out) if args.out else checkpoint.with_suffix(".eval.json")
+    # the teacher's results get their own file, so evaluating both keeps both
+    default_suffix = ".teacher.eval.json" if args.teacher else ".eval.json"
+    out = Path(args.out) if args.out else checkpoint.with_suffix(default_suffix)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"checkpoint": str(checkpoint), "model": "teacher" if args.teacher else "student",
-                                   "results": results}, indent=2))
+        document = {"checkpoint": str(checkpoint), "model": "teacher" if args.teacher else "student",
+                    "results": results}
+        out.write_text(json.dumps(json_safe(document), indent=2, allow_nan=False))
     except OSError as err:
         raise UserError(f"cannot write {out} ({err.strerror})") from None
     print(f"\nresults written to {out}")
@@ -228,7 +290,7 @@ def predict(args: argparse.Namespace) -> int:
     segmentor = inference_model(segmentor.to(device).eval(), cfg.eval, cfg.model.num_classes)
     palette = _palette(cfg)
     root = Path(args.input) if Path(args.input).is_dir() else Path(args.input).parent
-    for path in tqdm(files, desc="predict", dynamic_ncols=True):
+    for path in tqdm(files, desc="predict", dynamic_ncols=True, disable=None):  # no bar when redirected
         tensor, rgb = _prepare_image(path, cfg)
         with torch.no_grad():
             logits = predict_logits(segmentor, tensor.unsqueeze(0).to(device), mode=cfg.eval.mode,

@@ -49,11 +49,35 @@ def init_from_environment(device_type: str) -> None:
 
 
 def local_device(requested: str) -> torch.device:
+    """The device of ``train.device`` (``auto`` picks CUDA when present); a clear error when absent."""
+    from udaseg.errors import UserError
+
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"train.device={requested} but CUDA is not available here; use train.device=cpu "
+                            f"(or auto)")
+        if ":" in requested and int(requested.split(":", 1)[1]) >= torch.cuda.device_count():
+            raise UserError(f"train.device={requested} but this machine has {torch.cuda.device_count()} "
+                            f"CUDA device(s)")
+    if requested == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError("train.device=mps but MPS is not available here; use train.device=cpu")
     if requested == "cuda" and launched_with_torchrun():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device(requested)
+    try:
+        return torch.device(requested)
+    except RuntimeError:
+        raise UserError(f"train.device={requested!r} is not a device (auto, cpu, cuda or cuda:N)") from None
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is true on any of them (one tiny all-reduce under DDP)."""
+    if not is_enabled():
+        return flag
+    tensor = torch.tensor([1.0 if flag else 0.0], device=device)
+    torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MAX)
+    return bool(tensor.item() > 0)
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

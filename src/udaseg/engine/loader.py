@@ -12,6 +12,8 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from udaseg.engine.signals import ignore_sigint_in_worker
+
 _MASK = (1 << 62) - 1
 
 
@@ -104,7 +106,8 @@ class DataStream:
         generator = torch.Generator().manual_seed(mix_seed(self.seed, self.stream, self.rank))
         loader = DataLoader(SeededItems(self.dataset), batch_size=self.batch_size, sampler=sampler,
                             num_workers=self.workers, pin_memory=self.pin_memory, drop_last=True,
-                            persistent_workers=self.workers > 0, generator=generator)
+                            persistent_workers=self.workers > 0, generator=generator,
+                            worker_init_fn=ignore_sigint_in_worker if self.workers > 0 else None)
         return iter(loader)
 
     def __iter__(self):

@@ -123,15 +123,21 @@ def find_stage(stages: list[Stage], name: str) -> int:
 
 
 def run_pipeline(cfg: Config, resume: bool = False, only_stage: Optional[str] = None,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, overwrite: bool = False) -> dict:
     """Run the stages (all, or ``only_stage``) with the passes before each; return the last summary.
 
     ``resume``: skip stages that have their ``final.pt`` and passes that are complete, finish an
-    interrupted pass, and continue an interrupted stage from its latest checkpoint.
+    interrupted pass, and continue an interrupted stage from its latest checkpoint. Without it a
+    whole pipeline refuses a work dir that already holds one, unless ``overwrite`` (each stage's
+    earlier run files are then deleted by its trainer, and the passes run again).
     """
+    from udaseg.engine import run_folder
+
     stages = build_stages(cfg)
     selected = range(len(stages)) if only_stage is None else [find_stage(stages, only_stage)]
     root = Path(cfg.train.work_dir)
+    if dist.is_main() and not resume and only_stage is None and not overwrite:
+        run_folder.check_new_run(root, "new")
     if dist.is_main():
         from udaseg.engine.trainer import check_writable
 
@@ -145,7 +151,7 @@ def run_pipeline(cfg: Config, resume: bool = False, only_stage: Optional[str] = 
             continue
         for spec in stage.passes:
             _run_stage_pass(spec, stage, previous, root, resume, progress)
-        summary = run_stage(stage, resume, progress)
+        summary = run_stage(stage, resume, progress, overwrite)
     return summary
 
 
@@ -167,7 +173,7 @@ def _run_stage_pass(spec: PassConfig, stage: Stage, previous: Optional[Stage], r
     dist.barrier()
 
 
-def run_stage(stage: Stage, resume: bool, progress: bool = True) -> dict:
+def run_stage(stage: Stage, resume: bool, progress: bool = True, overwrite: bool = False) -> dict:
     """Train one stage (continuing from its latest checkpoint with ``resume``) and write ``final.pt``."""
     from udaseg.engine.checkpoint import CheckpointManager
     from udaseg.engine.trainer import Trainer
@@ -176,7 +182,9 @@ def run_stage(stage: Stage, resume: bool, progress: bool = True) -> dict:
     if init and not Path(init).is_file():
         raise UserError(f"stage '{stage.name}' starts from {init}, which does not exist (run the stage before it)")
     has_checkpoint = stage.work_dir.is_dir() and CheckpointManager(stage.work_dir).latest() is not None
-    trainer = Trainer(stage.cfg, resume="latest" if resume and has_checkpoint else None, progress=progress)
+    resume_stage = resume and has_checkpoint
+    trainer = Trainer(stage.cfg, resume="latest" if resume_stage else None, progress=progress,
+                      overwrite=overwrite and not resume_stage)
     if dist.is_main():
         print(f"udaseg train: stage '{stage.name}' ({stage.cfg.method.name}) -> {stage.work_dir}")
     summary = trainer.train()

@@ -3,6 +3,10 @@
 The trainer owns the model (segmentor + method heads), the EMA teacher, the optimiser and schedule,
 the data streams and checkpoints; the method's objectives own the losses. Resuming restores all of
 it, so N iterations straight give the same parameters as N/2, a restart, and N/2 more.
+
+The run folder (``train.work_dir``) is touched only after everything is built and checked: the
+config, the model and its pretrained weights, the data (class counts, sizes, one decoded item per
+dataset) and the checkpoint to resume from. See :mod:`udaseg.engine.run_folder` for the rules.
 """
 
 from __future__ import annotations
@@ -23,10 +27,14 @@ from udaseg.config import config_to_yaml, to_dict
 from udaseg.config.schema import Config, DatasetConfig
 from udaseg.data import build_dataset
 from udaseg.engine import distributed as dist
+from udaseg.engine import run_folder
 from udaseg.engine.checkpoint import CheckpointManager, capture_rng_state, load_checkpoint, restore_rng_state
+from udaseg.engine.checks import check_training_data, check_val_data, unwrap_worker_error
 from udaseg.engine.loader import DataStream, mix_seed
-from udaseg.engine.logging import MetricsLogger, progress_bar
+from udaseg.engine.logging import MetricsLogger, RunLog, format_values, progress_bar, stdout_is_terminal
 from udaseg.engine.optim import PolyWarmupSchedule, build_optimizer
+from udaseg.engine.run_folder import check_writable, val_set_keys  # noqa: F401  (check_writable: public API)
+from udaseg.engine.signals import TrainingInterrupted, stop_requests
 from udaseg.engine.owned import OwnedOptimizers
 from udaseg.errors import UserError
 from udaseg.evaluation.evaluator import evaluate
@@ -49,20 +57,26 @@ def seed_devices(seed: int, device: torch.device) -> None:
         torch.cuda.manual_seed(seed)
 
 
-def check_writable(path: Path) -> None:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write_test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise UserError(f"output directory {path} is not writable ({err.strerror})") from None
+def build_segmentor(cfg: Config, notes: Optional[list[str]] = None) -> nn.Module:
+    """The configured segmentor, with ``model.pretrained`` loaded into its backbone.
 
+    The load report goes to ``notes`` (or is printed); a file that fills less than half of the
+    backbone's weights is refused, since it is almost certainly the wrong file.
+    """
+    from udaseg.models.weights import require_mostly_loaded
 
-def build_segmentor(cfg: Config) -> nn.Module:
     segmentor = build_model(cfg.model.name, cfg.model.num_classes, **cfg.model.options)
     if cfg.model.pretrained:
-        load_pretrained(segmentor.backbone, cfg.model.pretrained)
+        try:
+            report = load_pretrained(segmentor.backbone, cfg.model.pretrained)
+        except UserError as error:
+            raise UserError(f"model.pretrained: {error}") from None
+        require_mostly_loaded(report)
+        line = f"model.pretrained: {report.summary()}"
+        if notes is None:
+            print(line)
+        else:
+            notes.append(line)
     return segmentor
 
 
@@ -93,23 +107,33 @@ def amp_dtype(cfg: Config) -> Optional[torch.dtype]:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, resume: Optional[str] = None, progress: bool = True):
+    """Trains ``cfg``. ``resume``: a checkpoint path or ``"latest"``; ``overwrite``: start over in a
+    run folder that holds an earlier run (its files are deleted once every check has passed)."""
+
+    def __init__(self, cfg: Config, resume: Optional[str] = None, progress: bool = True,
+                 overwrite: bool = False):
+        if resume and overwrite:
+            raise UserError("--resume and --overwrite exclude each other")
         if cfg.stages:
             raise UserError(f"config '{cfg.name}' is a pipeline of {len(cfg.stages)} stages: run it with "
                             "'udaseg train' (udaseg.engine.pipeline.run_pipeline), not as one run")
         self.cfg = cfg
         self.progress = progress
+        self.mode: run_folder.Mode = "resume" if resume else ("overwrite" if overwrite else "new")
         self.device = dist.local_device(cfg.train.device)
         dist.init_from_environment(self.device.type)
         self.work_dir = Path(cfg.train.work_dir)
         if dist.is_main():
-            check_writable(self.work_dir)
-            (self.work_dir / "config.yaml").write_text(config_to_yaml(cfg))
+            run_folder.check_new_run(self.work_dir, self.mode)  # before the slow part
         seed_everything(cfg.train.seed)
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
 
-        segmentor = build_segmentor(cfg)
+        self.notes: list[str] = []
+        if cfg.method.name == "daformer" and not cfg.data.source.rcs.enabled:
+            self.notes.append("method daformer without rare class sampling (data.source.rcs.enabled=false; the "
+                              "GTA5/SYNTHIA presets enable it after 'udaseg prepare')")
+        segmentor = build_segmentor(cfg, self.notes)
         self.method = build_method(cfg, segmentor)
         model = UDAModel(segmentor, self.method.heads)
         if cfg.model.init_from:
@@ -133,12 +157,43 @@ class Trainer:
         self.streams: dict[str, DataStream] = {}
         self._build_streams()
         self.val_sets = [(spec, build_dataset(spec, cfg.data.mean, cfg.data.std)) for spec in cfg.data.val]
+        self.val_keys = val_set_keys(cfg.data.val)
+        check_training_data(cfg, self.streams, cfg.data.batch_size)
+        check_val_data(cfg, self.val_sets)
         self.checkpoints = CheckpointManager(self.work_dir, keep_last=cfg.train.keep_last)
-        self.logger = MetricsLogger(self.work_dir, enabled=dist.is_main())
         self.iteration = 0
         self.history: list[dict] = []
+        self._saved_at: Optional[int] = None
         if resume:
             self.load(self._resolve_resume(resume))
+            self._saved_at = self.iteration
+
+        self._open_run_folder()
+
+    def _open_run_folder(self) -> None:
+        """Every check has passed: prepare the run folder, write the config, open the logs.
+
+        A finished run (resumed with nothing left to train) is left exactly as it is."""
+        writes = dist.is_main() and not self.finished
+        if writes:
+            self.notes += run_folder.prepare(self.work_dir, self.mode, self.iteration)
+            self.checkpoints = CheckpointManager(self.work_dir, keep_last=self.cfg.train.keep_last)  # re-read best.json
+            (self.work_dir / "config.yaml").write_text(config_to_yaml(self.cfg))
+            if self.mode == "resume" and self.checkpoints.repair_best():
+                self.notes.append("best.pt re-linked to the checkpoint best.json names")
+        dist.barrier()
+        self.logger = MetricsLogger(self.work_dir, enabled=writes,
+                                    purge_step=self.iteration if self.mode == "resume" else None)
+        self.log = RunLog(self.work_dir / "train.log", enabled=writes)
+        self._bar = None
+
+    @property
+    def finished(self) -> bool:
+        return self.iteration >= self.cfg.train.iterations
+
+    def _say(self, text: str, echo: bool = True) -> None:
+        """A line for ``train.log``, also printed (through the progress bar when one is shown)."""
+        self.log.write(text, echo=echo and self.progress and dist.is_main(), bar=self._bar)
 
     def _init_from(self, model: UDAModel) -> None:
         from udaseg.engine.init_from import load_initial_weights
@@ -181,37 +236,82 @@ class Trainer:
     def _next_batch(self) -> dict:
         batch = {}
         for name, stream in self.streams.items():
-            item = next(stream)
+            try:
+                item = next(stream)
+            except UserError as error:
+                raise unwrap_worker_error(error) from None
+            except RuntimeError as error:
+                if "stack expects each tensor to be equal size" in str(error):
+                    raise UserError(f"data.{name}: images of different sizes cannot share a batch; set "
+                                    f"data.{name}.crop_size (or a resize with keep_ratio=false)") from None
+                raise
             batch[name] = {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v)
                            for k, v in item.items()}
         return batch
 
     # -- training ---------------------------------------------------------------------------
     def train(self) -> dict:
+        """Run to ``train.iterations``; returns the last evaluation summary (``{}`` without one).
+
+        On SIGINT / SIGTERM the iteration in progress completes, a checkpoint is saved and
+        :class:`TrainingInterrupted` is raised.
+        """
         cfg = self.cfg.train
-        bar = progress_bar(cfg.iterations, self.iteration, self.progress and dist.is_main())
+        if self.finished:
+            return {}
+        self._say(f"{'resumed' if self.iteration else 'started'} {self.cfg.name} ({self.cfg.method.name}, "
+                  f"{self.cfg.model.name}) at iteration {self.iteration} of {cfg.iterations} in {self.work_dir}",
+                  echo=False)
+        for note in self.notes:
+            self._say(note)
+        self._bar = progress_bar(cfg.iterations, self.iteration, self.progress and dist.is_main())
+        periodic_to_stdout = self.progress and dist.is_main() and not stdout_is_terminal()
         last_eval: dict = {}
         try:
-            while self.iteration < cfg.iterations:
-                it = self.iteration
-                start = time.perf_counter()
-                result = self.train_iteration(it)
-                self.iteration = it + 1
-                bar.update(1)
-                if it % cfg.log_interval == 0 or self.iteration == cfg.iterations:
-                    record = {**dist.average_values(result.losses), **result.metrics, "lr": self.optimizer.param_groups[0]["lr"],
-                              **self.owned.lrs(), "time": round(time.perf_counter() - start, 4)}
-                    self.logger.log(it, "train", record)
-                    bar.set_postfix({k: f"{v:.3g}" for k, v in list(result.losses.items())[:3]}, refresh=False)
-                final = self.iteration == cfg.iterations
-                if self.val_sets and (self.iteration % cfg.eval_interval == 0 or final):
-                    last_eval = self.evaluate_all(teacher_too=final or cfg.eval_teacher == "every")
-                if self.iteration % cfg.checkpoint_interval == 0 or final:
-                    self.save(metric=last_eval.get("miou"))
+            with stop_requests() as stop:
+                while self.iteration < cfg.iterations:
+                    last_eval = self._train_one(last_eval, periodic_to_stdout) or last_eval
+                    if dist.any_rank(stop.requested, self.device):
+                        self._stop(stop.name if stop.requested else "a signal on another rank", stop.signum)
         finally:
-            bar.close()
+            self._bar.close()
+            self._bar = None
             self.logger.close()
+        self._say(f"finished {cfg.iterations} iterations", echo=False)
         return last_eval
+
+    def _train_one(self, last_eval: dict, periodic_to_stdout: bool) -> Optional[dict]:
+        cfg = self.cfg.train
+        it = self.iteration
+        start = time.perf_counter()
+        result = self.train_iteration(it)
+        self.iteration = it + 1
+        self._bar.update(1)
+        final = self.iteration == cfg.iterations
+        if it % cfg.log_interval == 0 or final:
+            losses = dist.average_values(result.losses)
+            record = {**losses, **result.metrics, "lr": self.optimizer.param_groups[0]["lr"],
+                      **self.owned.lrs(), "iter_time": round(time.perf_counter() - start, 4)}
+            self.logger.log(it, "train", record)
+            self._bar.set_postfix({k: f"{v:.3g}" for k, v in list(result.losses.items())[:3]}, refresh=False)
+            self._say(f"iter {self.iteration}/{cfg.iterations}  {format_values(losses)}  "
+                      f"lr {record['lr']:.3g}  {record['iter_time']:.3f} s/it", echo=periodic_to_stdout)
+        evaluation = None
+        if self.val_sets and (self.iteration % cfg.eval_interval == 0 or final):
+            evaluation = self.evaluate_all(teacher_too=final or cfg.eval_teacher == "every")
+            last_eval = evaluation
+        if self.iteration % cfg.checkpoint_interval == 0 or final:
+            self.save(metric=last_eval.get("miou") if evaluation is not None else None, about=last_eval)
+        return evaluation
+
+    def _stop(self, name: str, signum: Optional[int]) -> None:
+        if self._saved_at != self.iteration:
+            self.save()
+        path = self.work_dir / "latest.pt"
+        message = (f"stopped by {name} after iteration {self.iteration} of {self.cfg.train.iterations}; "
+                   f"checkpoint {path} (continue with --resume)")
+        self._say(message, echo=False)
+        raise TrainingInterrupted(signum or 15, message)
 
     def train_iteration(self, it: int):
         self.model.train()
@@ -241,24 +341,23 @@ class Trainer:
 
     def _evaluate_all(self, teacher_too: bool) -> dict:
         """Evaluate on every ``data.val`` entry. The headline ``miou`` is the student's on the first one;
-        per-set results are under ``'<model>/<dataset>:<split>'`` (``#<n>`` added when a set repeats)."""
+        per-set results are under ``'<model>/<set key>'`` (see :func:`run_folder.val_set_keys`)."""
         summary: dict = {}
         models = [("student", self.model.segmentor)]
         if teacher_too and self.teacher is not None:
             models.append(("teacher", self.teacher.module.segmentor))
+        show_bar = self.progress and stdout_is_terminal()
         for who, segmentor in models:
-            for position, (spec, dataset) in enumerate(self.val_sets):
+            for key, (spec, dataset) in zip(self.val_keys, self.val_sets):
                 result = evaluate(segmentor, dataset, self.cfg.eval, self.cfg.model.num_classes, self.device,
-                                  list(dataset.classes.names), progress=self.progress, desc=f"eval {spec.name}")
-                tag = f"{who}/{spec.name}:{spec.split}"
-                if tag in summary:
-                    tag = f"{tag}#{position}"
+                                  list(dataset.classes.names), progress=show_bar, desc=f"eval {key}")
                 self.logger.log(self.iteration, "eval", {"model": who, "dataset": spec.name, "split": spec.split,
-                                                         "set": tag.split("/", 1)[1], "miou": result["miou"],
-                                                         "iou": result["iou"]})
+                                                         "set": key, "miou": result["miou"], "iou": result["iou"]})
+                self._say(f"eval at iteration {self.iteration}: {who} on {key}: mIoU {100 * result['miou']:.2f}")
                 if who == "student" and "miou" not in summary:
-                    summary.update(miou=result["miou"], dataset=spec.name, iteration=self.iteration)
-                summary[tag] = result
+                    summary.update(miou=result["miou"], dataset=key, iteration=self.iteration,
+                                   metric_name="miou", model="student")
+                summary[f"{who}/{key}"] = result
         self.history.append(summary)
         return summary
 
@@ -280,9 +379,11 @@ class Trainer:
             "method": self.cfg.method.name,
         }
 
-    def save(self, metric: Optional[float] = None) -> None:
+    def save(self, metric: Optional[float] = None, about: Optional[dict] = None) -> None:
+        self._saved_at = self.iteration
         if dist.is_main():
-            self.checkpoints.save(self.iteration, self.state(), metric=metric)
+            described = {k: about[k] for k in ("metric_name", "model", "dataset") if about and k in about}
+            self.checkpoints.save(self.iteration, self.state(), metric=metric, about=described)
         dist.barrier()
 
     def _resolve_resume(self, resume: str) -> Path:
@@ -300,6 +401,7 @@ class Trainer:
         if saved_method is not None and saved_method != self.cfg.method.name:
             raise UserError(f"checkpoint {path} was saved by method '{saved_method}', the config trains "
                             f"'{self.cfg.method.name}' (use model.init_from to start from its weights)")
+        check_schedule(state, self.cfg, path)
         self.model.load_state_dict(state["model"])
         if self.teacher is not None and state.get("teacher") is not None:
             self.teacher.load_state_dict(state["teacher"])
@@ -324,3 +426,19 @@ def check_compatible(state: dict, cfg: Config, path: Path) -> None:
         raise UserError(f"checkpoint {path} holds a '{name}' model, the config asks for '{cfg.model.name}'")
     if classes is not None and int(classes) != cfg.model.num_classes:
         raise UserError(f"checkpoint {path} has {classes} classes, the config asks for {cfg.model.num_classes}")
+
+
+def check_schedule(state: dict, cfg: Config, path: Path) -> None:
+    """A resumed run keeps its learning-rate schedule: ``train.iterations`` cannot change on resume.
+
+    The poly schedule decays to 0 at the planned length; training past it would run at lr 0, and
+    re-planning it would make the run differ from the same run trained straight.
+    """
+    planned = state.get("schedule", {}).get("max_iters")
+    if planned is None or int(planned) == cfg.train.iterations:
+        return
+    done = int(state.get("iteration", 0))
+    raise UserError(f"checkpoint {path} belongs to a run planned for {planned} iterations ({done} done), whose "
+                    f"learning-rate schedule ends there; train.iterations={cfg.train.iterations} cannot change "
+                    f"on resume: resume with train.iterations={planned}, or start a new run in another "
+                    f"train.work_dir")

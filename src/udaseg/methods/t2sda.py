@@ -730,6 +730,25 @@ class T2SDAPulling(Objective):
                             "use a crop size divisible by the feature stride or t2sda.label_downsample=nearest")
 
 
+# The five kinds of the GtA augmentor the paper's DG setting uses (Kundu et al. 2021), by our names.
+GTA_TRANSLATION_KINDS = {"fda": "A", "style_augmentation": "B", "adain": "C", "weather": "D", "cartoon": "E"}
+
+
+def translation_coverage(requested: Sequence[str], skipped: Sequence[str]) -> str:
+    """One line saying which of the paper's five translation kinds run, and which do not."""
+    ran = [n for n in requested if n not in skipped]
+    paper = [f"{n} ({GTA_TRANSLATION_KINDS[n]})" for n in ran if n in GTA_TRANSLATION_KINDS]
+    extra = [n for n in ran if n not in GTA_TRANSLATION_KINDS]
+    missing = [f"{n} ({k})" for n, k in GTA_TRANSLATION_KINDS.items() if n not in ran]
+    line = f"domain generalisation runs {len(paper)} of the paper's 5 translation kinds: {', '.join(paper) or 'none'}"
+    if extra:
+        line += f"; also {', '.join(extra)} (not one of the paper's)"
+    if missing:
+        line += (f"; not run: {', '.join(missing)} (fda needs t2sda.dg_reference_dir, adain and "
+                 f"style_augmentation their release files in t2sda.dg_weights)")
+    return line
+
+
 def build_pseudo_target_translator(cfg: T2SDAConfig) -> "RandomTranslation":
     """The DG translator: one of ``cfg.dg_translations`` per image, chosen uniformly.
 
@@ -742,6 +761,7 @@ def build_pseudo_target_translator(cfg: T2SDAConfig) -> "RandomTranslation":
                                               cfg.fda_beta if cfg.fda_beta > 0 else 0.01, cfg.fda_window)
     for name, reason in skipped:
         print(f"t2sda: image translation '{name}' {reason}", file=sys.stderr)
+    print(f"t2sda: {translation_coverage(cfg.dg_translations, [name for name, _ in skipped])}", file=sys.stderr)
     if not translators:
         raise UserError(f"t2sda.dg_translations: none of {list(cfg.dg_translations)} can run here "
                         "(see the messages above); add 'weather', 'cartoon' or 'style_stats', or set "

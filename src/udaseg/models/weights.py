@@ -70,6 +70,15 @@ class LoadReport:
     def ok(self) -> bool:
         return not (self.missing or self.unexpected or self.mismatched)
 
+    @property
+    def expected(self) -> int:
+        """How many target weights there were to fill."""
+        return len(self.loaded) + len(self.missing) + len(self.mismatched)
+
+    def mostly_loaded(self) -> bool:
+        """At least half of the target's weights came from the file."""
+        return self.expected > 0 and len(self.loaded) * 2 >= self.expected
+
     def summary(self) -> str:
         return (f"{self.path} ({self.format}): {len(self.loaded)} loaded, {len(self.missing)} missing, "
                 f"{len(self.unexpected)} unexpected, {len(self.mismatched)} shape mismatches, "
@@ -85,7 +94,10 @@ def read_state_dict(path: str) -> Dict[str, Tensor]:
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # corrupt, truncated or not a torch file
-        raise UserError(f"cannot read checkpoint {path}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from None
+        reason = str(error).splitlines()[0] if str(error) else ""
+        if reason.startswith("Weights only load failed"):
+            reason = "torch cannot read it with weights_only=True (damaged, or it holds pickled objects)"
+        raise UserError(f"cannot read checkpoint {path}: {type(error).__name__}: {reason}") from None
     if isinstance(content, Mapping):
         for key in ("state_dict", "model"):
             inner = content.get(key)
@@ -178,7 +190,8 @@ def load_pretrained(module: nn.Module, path: str, fmt: str = "auto", strict: boo
         fmt = detect_format(state_dict) or ""
         if not fmt:
             sample = ", ".join(list(state_dict)[:4])
-            raise UserError(f"cannot tell the format of checkpoint {path} (first keys: {sample}); pass fmt=")
+            raise UserError(f"cannot tell the format of checkpoint {path} (first keys: {sample}); it is none of "
+                            f"{', '.join(FORMATS)}")
 
     ignored: List[str] = []
     if fmt in BACKBONE_FORMATS:
@@ -262,3 +275,16 @@ def _strict_message(report: LoadReport, module: nn.Module, n_expected: int) -> s
         shown = ", ".join(f"{k}: {list(a)} vs {list(b)}" for k, a, b in report.mismatched[:3])
         parts.append(f"shape mismatch {len(report.mismatched)} ({shown})")
     return f"checkpoint {report.path} ({report.format}) does not match the model: " + "; ".join(parts)
+
+
+def require_mostly_loaded(report: LoadReport, key: str = "model.pretrained") -> None:
+    """Refuse a file that fills less than half of the target's weights (the wrong file, most likely)."""
+    if report.mostly_loaded():
+        return
+    parts = [f"{len(report.missing)} missing" + (f", e.g. {_examples(report.missing, 2)}" if report.missing else "")]
+    if report.unexpected:
+        parts.append(f"{len(report.unexpected)} unexpected, e.g. {_examples(report.unexpected, 2)}")
+    if report.mismatched:
+        parts.append(f"{len(report.mismatched)} of another shape, e.g. {report.mismatched[0][0]}")
+    raise UserError(f"{key}={report.path} does not fit this model: {len(report.loaded)} of {report.expected} "
+                    f"weights loaded ({'; '.join(parts)}); is it the file for this architecture?")
