@@ -93,7 +93,7 @@ def test_analysis_matches_eval_and_projection_tap(checkpoints, tmp_path, capsys)
     assert main(["eval", "--checkpoint", str(checkpoints["sepico"]), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "per class results:" in printed and "| aAcc" in printed and "| mAcc" in printed
-    result = json.loads(out.read_text())["results"]["folder/val"]
+    result = json.loads(out.read_text())["results"]["folder:val"]
     assert (tmp_path / "eval.folder_val.confusion.json").is_file()
     assert (tmp_path / "eval.folder_val.confusion.png").is_file()
     assert main(["analyze", "--checkpoint", str(checkpoints["sepico"]), "--out", str(tmp_path / "a"), "--tap",

@@ -219,7 +219,7 @@ def write_confusion_files(out: Path, key: str, result: dict) -> list[Path]:
     from udaseg.evaluation.metrics import normalised_confusion
 
     stem = out.name[: -len(out.suffix)] if out.suffix else out.name
-    base = f"{stem}.{key.replace('/', '_')}.confusion"
+    base = f"{stem}.{key.replace('/', '_').replace(':', '_')}.confusion"
     json_path, png_path = out.parent / f"{base}.json", out.parent / f"{base}.png"
     normalised = normalised_confusion(result["confusion_matrix"])
     write_json(json_path, {"classes": result["names"], "rows": "ground truth", "columns": "prediction",
