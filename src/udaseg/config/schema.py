@@ -187,11 +187,34 @@ class T2SDAConfig:
 
 
 @dataclass
+class MICConfig:
+    """MIC (masked image consistency) added to a self-training base. Defaults are the official code's."""
+
+    base: Literal["dacs", "daformer", "sepico", "t2sda"] = "daformer"  # the method MIC is added to
+    block_size: int = 32  # mask block b in pixels; must divide the crop (32 on 512² crops, 64 on 1024²)
+    mask_ratio: float = 0.7  # r, the masked fraction of blocks
+    weight: float = 1.0  # lambda_m
+    images: Literal["target", "source_and_target", "source"] = "target"
+    color_augmentation: bool = True  # fresh colour jitter + blur before masking
+    quality_weight: bool = True  # False: weight 1 instead of the teacher's confidence ratio
+
+    def validate(self) -> None:
+        if self.block_size < 1:
+            raise UserError(f"config key 'method.mic.block_size' must be a positive number of pixels, "
+                            f"got {self.block_size}")
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise UserError(f"config key 'method.mic.mask_ratio' must lie in [0, 1), got {self.mask_ratio}")
+        if self.weight < 0:
+            raise UserError(f"config key 'method.mic.weight' must be >= 0, got {self.weight}")
+
+
+@dataclass
 class MethodConfig:
-    name: Literal["source_only", "target_oracle", "dacs", "daformer", "sepico", "t2sda"] = "source_only"
+    name: Literal["source_only", "target_oracle", "dacs", "daformer", "sepico", "t2sda", "mic"] = "source_only"
     self_training: SelfTrainingConfig = field(default_factory=SelfTrainingConfig)
     sepico: SePiCoConfig = field(default_factory=SePiCoConfig)
     t2sda: T2SDAConfig = field(default_factory=T2SDAConfig)
+    mic: MICConfig = field(default_factory=MICConfig)
 
 
 @dataclass

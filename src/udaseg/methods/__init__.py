@@ -10,6 +10,7 @@
 | ``daformer`` | DACS + ImageNet feature distance (+ RCS and warm-up from the data/optim config) |
 | ``sepico`` | DAFormer-style self-training + semantic-guided pixel contrast (``methods.sepico``) |
 | ``t2sda`` | self-training + pulling target to source (``methods.t2sda``) |
+| ``mic`` | ``mic.base`` (DAFormer by default) + masked image consistency (``methods.mic``) |
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class Method:
 
 MethodBuilder = Callable[[Config, nn.Module], Method]
 METHODS: dict[str, MethodBuilder] = {}
-_LAZY = {"sepico": "udaseg.methods.sepico", "t2sda": "udaseg.methods.t2sda"}
+_LAZY = {"sepico": "udaseg.methods.sepico", "t2sda": "udaseg.methods.t2sda", "mic": "udaseg.methods.mic"}
 
 
 def register_method(name: str) -> Callable[[MethodBuilder], MethodBuilder]:
