@@ -227,3 +227,17 @@ def test_bases_without_a_teacher_or_target_are_refused(mic_domains, tmp_path):
                       extra=["method.t2sda.domain_generalisation=true", "method.t2sda.dg_translations=[weather]"])
     with pytest.raises(UserError, match="method.mic.images"):
         build_method(cfg, build_model(cfg.model.name, 3))
+
+
+def test_mic_on_sepico_reuses_the_pseudo_labels_of_the_cropped_target(mic_domains, tmp_path):
+    cfg = tiny_preset("mic_daformer_gta2cs", mic_domains, tmp_path / "run", extra=[
+        "method.mic.base=sepico", "method.self_training.feature_distance.enabled=false",
+        "method.sepico.variant=dist", "method.sepico.warmup_iters=0",
+        "method.sepico.proj_dim=16", "method.sepico.target_crop_size=[32, 32]"])
+    trainer = Trainer(cfg, progress=False)
+    trainer.train()
+    names = [type(o).__name__ for o in trainer.method.objectives]
+    assert names[-1] == "MaskedImageConsistency" and len(names) > 4
+    records = list(read_metrics(tmp_path / "run" / "metrics.jsonl", "train"))
+    assert all(math.isfinite(r["masked.mic_ce"]) for r in records)
+    assert {"source_strong.sepico_cl", "target_strong.sepico_cl", "mixed.pseudo_ce"} <= set(records[-1])
