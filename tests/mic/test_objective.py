@@ -99,7 +99,7 @@ def _batch(seed=0, size=32):
             "target": {"image": torch.randn(2, 3, size, size, generator=g) + 0.5}}
 
 
-def _prepared(preset, mic_domains, tmp_path, extra=(), seed=3):
+def _prepared(preset, mic_domains, tmp_path, extra=(), seed=3, state=None):
     cfg = tiny_preset(preset, mic_domains, tmp_path, extra=extra)
     torch.manual_seed(0)
     segmentor = build_model(cfg.model.name, cfg.model.num_classes)
@@ -111,6 +111,7 @@ def _prepared(preset, mic_domains, tmp_path, extra=(), seed=3):
     batch = _batch()
     for name, item in batch.items():
         ctx.add_view(name, item["image"], item.get("label"))
+    ctx.state.update(state or {})
     for objective in method.objectives:
         objective.prepare(ctx, batch)
     return ctx, method, model, teacher, batch
@@ -147,6 +148,21 @@ def test_colour_augmentation_runs_before_the_mask(mic_domains, tmp_path):
         assert bool((image[~kept] == 0).all())  # masked pixels stay exactly 0 after augmentation
         changed |= not torch.allclose(image[kept], batch["target"]["image"][kept])
     assert changed
+
+
+def test_mic_draws_its_own_augmentation_gates(mic_domains, tmp_path):
+    from udaseg.methods.dacs import AUG_FLAGS
+
+    augmented = 0
+    for seed in range(6):  # ClassMix's jitter and blur are off in this iteration; MIC's are drawn afresh
+        ctx, *_, batch = _prepared("digits_mic", mic_domains, tmp_path / str(seed), seed=seed,
+                                   state={AUG_FLAGS: (False, False)})
+        mixed = ctx.view("mixed").image
+        assert bool(((mixed == batch["source"]["image"]) | (mixed == batch["target"]["image"])).all())
+        masked = ctx.view(MASKED_VIEW).image
+        kept = (masked != 0).all(dim=1, keepdim=True).expand_as(masked)
+        augmented += not torch.allclose(masked[kept], batch["target"]["image"][kept])
+    assert augmented >= 3  # either gate fires with p = 0.9
 
 
 def test_source_and_target_images_take_ground_truth_and_pseudo_label(mic_domains, tmp_path):
