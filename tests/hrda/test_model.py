@@ -186,3 +186,10 @@ def test_registered_paper_model_is_daformer_mitb5_plus_the_attention_head():
     assert all("head" in name for name, _ in hrda.named_parameters() if not name.startswith("backbone."))
     single = build_model("hrda_daformer_tiny", 3, attention_classwise=False)
     assert single.attention_head.conv_seg.out_channels == 1
+
+
+def test_projection_tap_reads_the_context_pass_at_its_full_resolution_stride():
+    model = build_model("hrda_daformer_tiny", 3, detail_crop_size=[32, 32], projection="conv", projection_input="enc2")
+    out = model(torch.randn(2, 3, 64, 64), taps=("proj", "enc2"), mode="train")
+    assert model.tap_stride("proj") == model.tap_stride("enc2") == 16
+    assert out.features["proj"].shape[-2:] == out.features["enc2"].shape[-2:] == (4, 4)

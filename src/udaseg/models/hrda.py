@@ -199,6 +199,9 @@ class HRDASegmentor(Segmentor):
 
     def tap_stride(self, tap: str) -> int:
         """Taps come from the context pass, so their stride in the full-resolution crop is scaled."""
+        if tap == PROJECTION_TAP:
+            self._check_tap(tap)
+            return self.tap_stride(self.proj_input)
         return int(round(super().tap_stride(tap) / self.context_scale))
 
     def resolve_mode(self, mode: ForwardMode) -> Literal["train", "slide"]:
