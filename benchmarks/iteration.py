@@ -30,7 +30,8 @@ SETTINGS = {
     "cpu-small": {"daformer": ("daformer_tiny", 128, 2), "deeplabv2": ("deeplabv2_tiny", 128, 2)},
     "paper": {"daformer": ("daformer_mitb5", 640, 2), "deeplabv2": ("deeplabv2_r101_v1c", 512, 2)},
 }
-METHODS = ["source_only", "dacs", "daformer", "sepico_distcl", "sepico_bankcl", "t2sda"]
+METHODS = ["source_only", "dacs", "daformer", "sepico_distcl", "sepico_bankcl", "t2sda", "pgpc", "pgpc_no_extra_pass"]
+FAMILIES = ["daformer", "deeplabv2"]
 MARKER = "iteration"
 
 
@@ -72,14 +73,24 @@ PRESETS = {
     "sepico_distcl": {"deeplabv2": "sepico_distcl_deeplabv2_gta2cs", "daformer": "sepico_distcl_daformer_gta2cs"},
     "sepico_bankcl": {"deeplabv2": "sepico_bankcl_deeplabv2_gta2cs", "daformer": "sepico_bankcl_daformer_gta2cs"},
     "t2sda": {"deeplabv2": "t2sda_deeplabv2_gta2cs", "daformer": "t2sda_daformer_gta2cs"},
+    "pgpc": {"deeplabv2": "pgpc_daformer_gta2cs", "daformer": "pgpc_daformer_gta2cs"},
+    "pgpc_no_extra_pass": {"deeplabv2": "pgpc_daformer_gta2cs", "daformer": "pgpc_daformer_gta2cs"},
+}
+# Extra overrides of a method's row. PGPC's default takes anchors from a separate student pass over the
+# strongly augmented target and source bank entries from a no-grad teacher pass over the source; the
+# no-extra-pass variant takes anchors from the ClassMix image and bank entries from the student's source pass.
+METHOD_OVERRIDES = {
+    "pgpc": ["method.pgpc.warmup_iters=0"],
+    "pgpc_no_extra_pass": ["method.pgpc.warmup_iters=0", "method.pgpc.anchor_view=mixed", "method.pgpc.bank_features=student"],
 }
 
 
-def _config(method: str, family: str, setting: str, mode: str, device: str, work_dir: Path):
+def _config(method: str, family: str, setting: str, mode: str, device: str, work_dir: Path, crop: int = 0):
     """The method's GTA5 -> Cityscapes preset on another network size, with synthetic data."""
     from udaseg.config import load_config
 
-    model, crop, batch = SETTINGS[setting][family]
+    model, default_crop, batch = SETTINGS[setting][family]
+    crop = crop or default_crop
     overrides = [
         f"model.name={model}", "model.pretrained=", "model.options={}", f"data.batch_size={batch}",
         "data.workers=0", f"train.work_dir={work_dir}", "train.iterations=1000000",
@@ -89,6 +100,7 @@ def _config(method: str, family: str, setting: str, mode: str, device: str, work
     ]
     if method.startswith("sepico"):  # contrastive terms on from the first iteration; target crop = source crop
         overrides += ["method.sepico.warmup_iters=0", f"method.sepico.target_crop_size=[{crop},{crop}]"]
+    overrides += METHOD_OVERRIDES.get(method, [])
     cfg = load_config(PRESETS[method][family], overrides)
     for spec in (cfg.data.source, cfg.data.target):
         spec.name, spec.crop_size, spec.resize, spec.rcs.enabled = "synthetic", [crop, crop], None, False
@@ -97,7 +109,8 @@ def _config(method: str, family: str, setting: str, mode: str, device: str, work
     return cfg
 
 
-def measure(method: str, family: str, setting: str, mode: str, device: str, iterations: int, warmup: int) -> dict:
+def measure(method: str, family: str, setting: str, mode: str, device: str, iterations: int, warmup: int,
+            crop: int = 0) -> dict:
     """Run in a subprocess: the median time of ``iterations`` steps after ``warmup`` and peak memory."""
     import tempfile
 
@@ -105,7 +118,7 @@ def measure(method: str, family: str, setting: str, mode: str, device: str, iter
     from udaseg.engine.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(_config(method, family, setting, mode, device, Path(tmp)), progress=False)
+        trainer = Trainer(_config(method, family, setting, mode, device, Path(tmp), crop), progress=False)
         dev = trainer.device
         times = []
         for it in range(warmup + iterations):
@@ -137,7 +150,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--setting", choices=sorted(SETTINGS), default="cpu-small")
-    parser.add_argument("--families", nargs="+", default=["daformer", "deeplabv2"])
+    parser.add_argument("--families", nargs="+", default=FAMILIES)
     parser.add_argument("--methods", nargs="+", default=METHODS)
     parser.add_argument("--modes", nargs="+", default=["eager", "bf16"], choices=["eager", "bf16", "compile"])
     parser.add_argument("--iterations", type=int, default=5)
@@ -145,13 +158,14 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--write", help="markdown file whose 'iteration' section is replaced")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads per run (0: torch's default)")
-    parser.add_argument("--child", nargs=7, help=argparse.SUPPRESS)
+    parser.add_argument("--crop", type=int, default=0, help="square crop size (0: the setting's)")
+    parser.add_argument("--child", nargs=8, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:
-        method, family, setting, mode, device, iterations, warmup = args.child
-        print(json.dumps(measure(method, family, setting, mode, device, int(iterations), int(warmup))))
+        method, family, setting, mode, device, iterations, warmup, crop = args.child
+        print(json.dumps(measure(method, family, setting, mode, device, int(iterations), int(warmup), int(crop))))
         return 0
 
     results: dict[tuple, list[dict]] = {}
@@ -159,7 +173,8 @@ def main() -> int:
     for round_index in range(args.rounds):
         for family, method, mode in jobs:
             print(f"round {round_index + 1}/{args.rounds}: {family} {method} {mode}", file=sys.stderr, flush=True)
-            child = [method, family, args.setting, mode, args.device, str(args.iterations), str(args.warmup)]
+            child = [method, family, args.setting, mode, args.device, str(args.iterations), str(args.warmup),
+                     str(args.crop)]
             results.setdefault((family, method, mode), []).append(_run_child(child, args.threads))
     table = format_table(results, args)
     print(table)
@@ -181,17 +196,23 @@ def format_table(results: dict, args) -> str:
     lines = [
         "## Training iteration cost",
         "",
-        f"`python benchmarks/iteration.py --device {args.device} --setting {args.setting} --modes {' '.join(args.modes)}"
-        f" --iterations {args.iterations} --rounds {args.rounds}"
+        f"`python benchmarks/iteration.py --device {args.device} --setting {args.setting}"
+        f"{'' if args.families == FAMILIES else ' --families ' + ' '.join(args.families)}"
+        f"{'' if args.methods == METHODS else ' --methods ' + ' '.join(args.methods)}"
+        f" --modes {' '.join(args.modes)}"
+        f" --iterations {args.iterations} --rounds {args.rounds}{f' --crop {args.crop}' if args.crop else ''}"
         f"{f' --threads {args.threads}' if args.threads else ''}` on {machine}, torch {torch.__version__}. "
         f"Median seconds per iteration over {args.rounds} interleaved rounds of {args.iterations} iterations "
         f"(after {args.warmup} warm-up iteration{'s' if args.warmup != 1 else ''}), each (method, mode) in its own "
         f"process; {memory}. "
-        "Ratios are against source-only and against DACS with the same model and mode in the same run; the "
-        "SePiCo rows have the contrastive terms on (warm-up 0).",
+        "Ratios are against source-only, DACS and DAFormer (DACS + FD) with the same model and mode in the same "
+        "run; the SePiCo and PGPC rows have the contrastive terms on (warm-up 0). `pgpc` is the default "
+        "(anchors from a separate student pass over the strong target, source bank from a teacher pass); "
+        "`pgpc_no_extra_pass` takes anchors from the ClassMix image and the source bank from the student's source "
+        "pass (`method.pgpc.anchor_view=mixed method.pgpc.bank_features=student`).",
         "",
-        "| model | mode | method | s / iter | × source-only | × DACS | peak MiB |",
-        "|---|---|---|---|---|---|---|",
+        "| model | mode | method | s / iter | × source-only | × DACS | × DAFormer | peak MiB |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     if not args.device.startswith("cuda"):
         lines.insert(4, "The papers' settings (DAFormer MiT-B5 2×640², DeepLab-V2 R101 2×512²; eager, bf16 and "
@@ -200,11 +221,12 @@ def format_table(results: dict, args) -> str:
         lines.insert(5, "")
     for (family, method, mode), runs in results.items():
         model, crop, batch = SETTINGS[args.setting][family]
+        crop = args.crop or crop
         t = statistics.median(r["time"] for r in runs)
-        base, dacs = (_median_time(results, (family, name, mode)) for name in ("source_only", "dacs"))
+        base, dacs, daformer = (_median_time(results, (family, name, mode)) for name in ("source_only", "dacs", "daformer"))
         peak = max(r["peak_mib"] for r in runs)
         lines.append(f"| {model} {batch}×{crop}² | {mode} | {method} | {t:.3f} | {t / base:.2f} | {t / dacs:.2f} "
-                     f"| {peak:.0f} |")
+                     f"| {t / daformer:.2f} | {peak:.0f} |")
     return "\n".join(lines)
 
 

@@ -21,7 +21,7 @@ def test_unknown_key_suggests_closest():
 def test_wrong_type_names_key_type_and_value():
     with pytest.raises(UserError, match=r"'train\.iterations' expects int, got 'many'"):
         load_config(None, ["train.iterations=many"])
-    with pytest.raises(UserError, match=r"'method\.name' expects one of"):
+    with pytest.raises(UserError, match=r"'method\.name': unknown method 'sepicoo'; did you mean 'sepico'"):
         load_config(None, ["method.name=sepicoo"])
 
 
@@ -46,3 +46,14 @@ def test_missing_config_file(tmp_path):
 
 def test_exponent_without_dot_is_a_float():
     assert load_config(None, ["optim.lr=3e-3"]).optim.lr == 0.003
+
+
+def test_scaling_the_budget_scales_every_iteration_count():
+    from udaseg.config import load_config, scale_iteration_counts
+
+    cfg = load_config("digits_sepico_distcl")
+    assert (cfg.train.iterations, cfg.optim.warmup_iters, cfg.method.sepico.warmup_iters) == (3000, 100, 600)
+    scale_iteration_counts(cfg, 600)
+    # the contrastive terms switch on at the same share of a shorter run (so a quick demo uses them)
+    assert (cfg.train.iterations, cfg.optim.warmup_iters, cfg.method.sepico.warmup_iters) == (600, 20, 120)
+    assert cfg.train.eval_interval == 500  # an interval, not a point of the schedule: left alone

@@ -27,6 +27,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", help="preset name or YAML file")
     p.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="resume from a checkpoint file, or from the latest one in the work dir")
+    p.add_argument("--stage", help="run one stage of a pipeline (with the offline passes before it)")
     p.add_argument("--list", action="store_true", help="list the shipped presets and exit")
     p.add_argument("--print-config", action="store_true", help="print the effective config and exit")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. optim.lr=1e-4")
@@ -67,6 +68,7 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default=None, help="adaptation preset to compare against source-only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--iterations", type=int, default=None, help="training budget per run (overrides --quick)")
+    p.add_argument("--jobs", type=int, default=None, help="runs trained at the same time (default: one per core, at most 2)")
     p.add_argument("--digits-size", type=int, nargs=2, metavar=("TRAIN", "VAL"), help=argparse.SUPPRESS)
 
 
@@ -81,6 +83,8 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", help="where the digits benchmark is cached")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at the same time (worker processes)")
     p.add_argument("--collect", action="store_true", help="only tabulate the runs that have finished; train nothing")
+    p.add_argument("--split", choices=["val", "dev"], default="val",
+                   help="where to evaluate: the validation split (reported) or the held-out dev split (for tuning)")
     p.add_argument("--digits-size", type=int, nargs=2, metavar=("TRAIN", "VAL"), help=argparse.SUPPRESS)
 
 

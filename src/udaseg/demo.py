@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import html
+import os
 import json
 from pathlib import Path
 from typing import Optional, Sequence
@@ -21,24 +22,25 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from udaseg.config import load_config
+from udaseg.config import load_config, scale_iteration_counts
 from udaseg.config.schema import Config
 from udaseg.errors import UserError
 
 DEFAULT_METHOD = "sepico_distcl"
-FULL_ITERATIONS = 1200
-QUICK_ITERATIONS = 150
+QUICK_ITERATIONS = 600  # --quick; without it each run trains for its preset's iterations
 SAMPLES = 6
 
 
-def demo_config(preset: str, domain: str, out: Path, run_name: str, iterations: int, seed: int,
+def demo_config(preset: str, domain: str, out: Path, run_name: str, iterations: Optional[int], seed: int,
                 data_root: Optional[str], digits_size: Optional[Sequence[int]] = None) -> Config:
     """A digits preset set up for one demo/benchmark run (target domain, budget, seed, folders)."""
     cfg = load_config(preset)
-    cfg.train.iterations = iterations
+    if iterations:
+        scale_iteration_counts(cfg, iterations)
+    iterations = cfg.train.iterations
     cfg.train.seed = seed
     cfg.train.work_dir = str(out / "runs" / run_name)
-    cfg.train.eval_interval = max(iterations // 4, 1)
+    cfg.train.eval_interval = max(iterations // 6, 1)
     cfg.train.checkpoint_interval = iterations
     cfg.train.log_interval = max(iterations // 60, 1)
     for spec in [cfg.data.target, *cfg.data.val]:
@@ -67,23 +69,26 @@ def _require_matplotlib():
 
 def run_demo(args: argparse.Namespace) -> int:
     from udaseg.engine.trainer import check_writable
-    from udaseg.experiments import run_experiment
-
     plt = _require_matplotlib()
     out = Path(args.out)
     check_writable(out)
     method = args.method or DEFAULT_METHOD
-    iterations = QUICK_ITERATIONS if args.quick else FULL_ITERATIONS
-    iterations = getattr(args, "iterations", None) or iterations
+    iterations = getattr(args, "iterations", None) or (QUICK_ITERATIONS if args.quick else None)
     presets = {"source_only": "digits_source_only", "adapted": f"digits_{method}"}
     results, configs = {}, {}
-    for index, (run_name, preset) in enumerate(presets.items(), start=1):
-        cfg = demo_config(preset, args.domain, out, run_name, iterations, args.seed, args.data_root,
-                          getattr(args, "digits_size", None))
-        configs[run_name] = cfg
-        print(f"[{index}/{len(presets)}] training {run_name} ({preset}, {iterations} iterations, "
-              f"target {args.domain})", flush=True)
-        results[run_name] = run_experiment(cfg, progress=True)
+    for run_name, preset in presets.items():
+        configs[run_name] = demo_config(preset, args.domain, out, run_name, iterations, args.seed, args.data_root,
+                                        getattr(args, "digits_size", None))
+    iterations = configs["adapted"].train.iterations
+    jobs = max(1, min(getattr(args, "jobs", None) or os.cpu_count() or 1, len(presets)))
+    print(f"training {' and '.join(f'{n} ({p})' for n, p in presets.items())}: {iterations} iterations each, "
+          f"target {args.domain}, {jobs} at a time", flush=True)
+    run_names = {preset: name for name, preset in presets.items()}
+    from udaseg.bench import run_parallel
+
+    for _, preset, result in run_parallel([(args.domain, p, configs[run_names[p]]) for p in presets.values()], jobs):
+        results[run_names[preset]] = result
+        print(f"finished {run_names[preset]}: target mIoU {100 * result['evaluation']['miou']:.1f}", flush=True)
 
     names, iou_src, iou_ada = _per_class(results)
     table = _gain_table(names, iou_src, iou_ada)

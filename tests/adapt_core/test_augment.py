@@ -14,6 +14,7 @@ from udaseg.adapt.augment import (
     hsv_to_rgb,
     normalize,
     rgb_to_hsv,
+    sample_blur_sigmas,
     sample_jitter_params,
     strong_augment,
 )
@@ -111,7 +112,7 @@ def test_strong_augment_reproduces_drawn_parameters():
     params = sample_jitter_params(3, 0.2, torch.Generator().manual_seed(5))
     expected = normalize(apply_color_jitter(images01, params), MEAN, STD)
     assert torch.allclose(out, expected, atol=1e-4)
-    assert sorted(params.order) == [0, 1, 2, 3]
+    assert all(sorted(order) == [0, 1, 2, 3] for order in params.order) and len(params.order) == 3
     assert bool((params.brightness.abs() <= 0.2).all())
     assert bool(((params.contrast >= 0.8) & (params.contrast <= 1.2)).all())
     assert len(set(params.brightness.tolist())) == 3  # drawn per image
@@ -162,3 +163,36 @@ def test_flags_follow_thresholds():
 def test_strength_limit():
     with pytest.raises(ValueError):
         sample_jitter_params(1, 0.6)
+
+
+def test_jitter_order_and_blur_sigma_are_drawn_per_image():
+    """The official code augments one mixed image at a time: each gets its own order and sigma."""
+    params = sample_jitter_params(64, 0.2, torch.Generator().manual_seed(0))
+    assert len({tuple(order) for order in params.order}) > 5
+    sigmas = sample_blur_sigmas(64, (0.15, 1.15), torch.Generator().manual_seed(0))
+    assert sigmas.shape == (64,) and len(set(sigmas.tolist())) == 64
+    assert bool(((sigmas >= 0.15) & (sigmas <= 1.15)).all())
+
+
+def test_batched_strong_augment_equals_one_image_at_a_time():
+    images01 = torch.rand(6, 3, 20, 24)
+    images = normalize(images01, MEAN, STD)
+    out = strong_augment(images, MEAN, STD, True, True, strength=0.2, generator=torch.Generator().manual_seed(3))
+    replay = torch.Generator().manual_seed(3)
+    params = sample_jitter_params(6, 0.2, replay)
+    sigmas = sample_blur_sigmas(6, (0.15, 1.15), replay)
+    assert len({tuple(order) for order in params.order}) > 1
+    for i in range(6):
+        one = JitterParams(params.brightness[i:i + 1], params.contrast[i:i + 1], params.saturation[i:i + 1],
+                           params.hue[i:i + 1], params.order[i])
+        expected = normalize(gaussian_blur(apply_color_jitter(images01[i:i + 1], one), float(sigmas[i])), MEAN, STD)
+        assert torch.allclose(out[i:i + 1], expected, atol=1e-4), i
+
+
+def test_blur_with_per_image_sigmas_equals_separate_blurs():
+    images = torch.rand(3, 2, 30, 40)
+    sigmas = torch.tensor([0.2, 0.7, 1.1], dtype=torch.float64)
+    out = gaussian_blur(images, sigmas)
+    for i in range(3):
+        assert torch.allclose(out[i:i + 1], gaussian_blur(images[i:i + 1], float(sigmas[i])), atol=1e-6)
+    assert not torch.allclose(out[0], out[2])

@@ -77,3 +77,23 @@ def test_cutmix_random_ratio_range():
         assert int(mask.sum()) == side * side
     with pytest.raises(ValueError):
         cutmix_boxes(1, 8, 8, area_ratio=1.5)
+
+
+def test_class_mix_exclude_never_pastes_the_excluded_classes_and_halves_the_rest():
+    labels = torch.zeros(16, 8, 8, dtype=torch.long)
+    labels[:, :2, :2] = 3
+    labels[:, 4:6, 4:6] = 5
+    labels[:, 7, 7] = 255
+    for seed in range(20):
+        masks = class_mix_masks(labels, torch.Generator().manual_seed(seed), exclude=(0, 255))
+        assert not masks[labels == 0].any() and not masks[labels == 255].any()
+        # candidates {3, 5}: one is drawn per image, so each image pastes exactly one 2x2 block
+        assert masks.flatten(1).sum(1).tolist() == [4] * 16
+    only_background = torch.zeros(2, 4, 4, dtype=torch.long)
+    assert not class_mix_masks(only_background, torch.Generator(), exclude=(0,)).any()
+
+
+def test_class_mix_without_exclude_keeps_the_official_draws():
+    labels = torch.randint(0, 4, (4, 6, 6), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(class_mix_masks(labels, torch.Generator().manual_seed(3)),
+                       class_mix_masks(labels, torch.Generator().manual_seed(3), exclude=()))

@@ -1,3 +1,6 @@
+import math
+
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -41,3 +44,18 @@ def test_weight_map_ignores_rows():
     per_image = pseudo_weight_map(torch.tensor([0.5, 1.0]), (2, 2, 2))
     assert per_image[0].unique().tolist() == [0.5] and per_image[1].unique().tolist() == [1.0]
     assert torch.equal(pseudo_weight_map(torch.tensor(0.3), (1, 2, 2)), torch.full((1, 2, 2), 0.3))
+
+
+def test_pseudo_label_accuracy_counts_labelled_and_confident_pixels_by_hand():
+    from udaseg.adapt.pseudo_label import pseudo_label_accuracy
+
+    labels = torch.tensor([[[1, 2], [3, 4]]])
+    truth = torch.tensor([[[1, 0], [3, 255]]])
+    confidence = torch.tensor([[[0.99, 0.99], [0.5, 0.99]]])
+    out = pseudo_label_accuracy(labels, truth, confidence, threshold=0.9)
+    assert out["pseudo_acc"] == pytest.approx(2 / 3)  # 3 labelled pixels, 2 right
+    assert out["pseudo_acc_confident"] == pytest.approx(1 / 2)  # confident & labelled: (0,0) right, (0,1) wrong
+    # labelled pixels (truth, pseudo): (1,1) (0,2) (3,3); IoU: class 0 0/1, 1 1/1, 2 0/1, 3 1/1
+    assert out["pseudo_miou"] == pytest.approx(0.5)
+    none_confident = pseudo_label_accuracy(labels, truth, confidence * 0, threshold=0.9)
+    assert math.isnan(none_confident["pseudo_acc_confident"])

@@ -63,19 +63,6 @@ def test_alpha_ramp_matches_hand_computation():
     assert abs(teacher.alpha(10) - (1 - 1 / 11)) < 1e-12
 
 
-def test_buffers_are_not_averaged():
-    student = TinyNet()
-    teacher = EMATeacher(student)
-    with torch.no_grad():
-        student.bn.running_mean.fill_(5.0)
-        student.bn.running_var.fill_(7.0)
-    teacher_before = teacher.module.bn.running_mean.clone()
-    teacher.update(0)
-    teacher.update(1)
-    assert torch.equal(teacher.module.bn.running_mean, teacher_before)
-    assert not torch.equal(teacher.module.bn.running_mean, student.bn.running_mean)
-
-
 def test_teacher_bn_uses_batch_statistics_and_no_dropout():
     torch.manual_seed(0)
     student = TinyNet()
@@ -124,3 +111,25 @@ def test_state_dict_round_trip():
     other.load_state_dict(teacher.state_dict())
     for a, b in zip(teacher.module.parameters(), other.module.parameters()):
         assert torch.equal(a, b) and not b.requires_grad
+
+
+def test_teacher_running_statistics_follow_the_student_not_its_own_forwards():
+    import torch
+    from torch import nn
+
+    from udaseg.adapt.teacher import EMATeacher
+
+    student = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    teacher = EMATeacher(student, alpha_max=0.5)
+    teacher.update(0)
+    student(torch.randn(8, 3, 5, 5) * 3 + 2)  # moves the student's running statistics
+    before = teacher.module[1].running_mean.clone()
+    teacher(torch.randn(8, 3, 5, 5) + 10)  # a teacher forward (train-mode BN) must not move them
+    assert torch.equal(teacher.module[1].running_mean, before)
+    teacher.update(1)  # alpha_1 = min(1 - 1/2, 0.5) = 0.5
+    expected = 0.5 * before + 0.5 * student[1].running_mean
+    assert torch.allclose(teacher.module[1].running_mean, expected)
+    # the teacher still normalises with the batch it sees (train mode), as the official code does
+    x = torch.randn(8, 3, 5, 5) + 10
+    out = teacher(x)
+    assert torch.allclose(out.mean(dim=(0, 2, 3)), teacher.module[1].bias, atol=1e-5)

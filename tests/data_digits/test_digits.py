@@ -7,6 +7,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from typing import Optional
+
 import numpy as np
 import pytest
 import torch
@@ -262,8 +264,8 @@ def test_bad_domain_split_seed_and_size_are_user_errors(tmp_path):
 # ---------------------------------------------------------------- datasets
 
 
-def _config(root: Path, **kwargs) -> DatasetConfig:
-    options = {"train_size": TINY.train, "val_size": TINY.val}
+def _config(root: Path, options: Optional[dict] = None, **kwargs) -> DatasetConfig:
+    options = {"train_size": TINY.train, "val_size": TINY.val, **(options or {})}
     return DatasetConfig(root=str(root), options=options, **kwargs)
 
 
@@ -325,3 +327,27 @@ def test_export_folder_loads_as_a_folder_dataset(root, tmp_path):
 def test_example_grid_shape(root):
     grid = D.example_grid(0, root, columns=4, size=TINY)
     assert grid.shape == (6 * 64, 4 * 64, 3) and grid.dtype == np.uint8
+
+
+def test_dev_split_holds_out_the_tail_of_train_and_train_keeps_the_rest(root):
+    raw = D.load_split("digits-photo", "train", 0, root, TINY)
+    options = {"train_size": TINY.train, "val_size": TINY.val, "dev_fraction": 0.25}
+    train = build_dataset(_config(root, name="digits-photo", split="train", options=dict(options)), MEAN, STD)
+    dev = build_dataset(_config(root, name="digits-photo", split="dev", options=dict(options)), MEAN, STD)
+    assert len(train) == 30 and len(dev) == 10
+    np.testing.assert_array_equal(dev[0]["label"].numpy(), raw.labels[30])
+    np.testing.assert_array_equal(train[29]["label"].numpy(), raw.labels[29])
+    assert dev[0]["name"] == "digits-photo/dev/00030.png"
+    with pytest.raises(UserError, match="split 'dev' needs options.dev_fraction"):
+        build_dataset(_config(root, name="digits-photo", split="dev"), MEAN, STD)
+    with pytest.raises(UserError, match="'dev_fraction' must be a number in"):
+        build_dataset(_config(root, name="digits-photo", split="train", options={**options, "dev_fraction": 0.9}),
+                      MEAN, STD)
+
+
+def test_monitor_labels_hide_the_label_from_training_but_keep_it_for_monitoring(root):
+    cfg = _config(root, name="digits-night", split="train", labelled=False, monitor_labels=True)
+    item = build_dataset(cfg, MEAN, STD)[2]
+    assert "label" not in item
+    np.testing.assert_array_equal(item["monitor_label"].numpy(), D.load_split("digits-night", "train", 0, root,
+                                                                               TINY).labels[2])

@@ -37,7 +37,11 @@ def test_bench_writes_table_and_reuses_finished_runs(data_root, tmp_path, capsys
     text = report.read_text()
     assert "kept text" in text and "<!-- digits_quality:start -->" in text
     rows = [line for line in text.splitlines() if line.startswith("| dacs ")]
-    assert len(rows) == 1 and "±" in rows[0]
+    assert len(rows) == 2 and "±" in rows[0]  # the main table and the per-class table
+    assert "Per-class IoU (%) on digits-photo" in text and "| digits |" in text
+    assert len(rows[1].split("|")) == 2 + 11 + 1 + 1  # method, 11 classes, the digit-class mean
+    assert (tmp_path / "images" / "curves_digits-photo.png").stat().st_size > 0
+    assert "images/curves_digits-photo.png" in text
     assert any(line.startswith("| source_only ") for line in text.splitlines())
     assert any(line.startswith("| target_oracle ") for line in text.splitlines())
     first = {p: p.stat().st_mtime_ns for p in (tmp_path / "b").rglob("result.json")}

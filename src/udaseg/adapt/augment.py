@@ -9,12 +9,17 @@ images' device:
   contrast    x ← clamp(c·x, 0, 1),              c ~ U(max(0, 1 − s), 1 + s)
   saturation  S ← clamp(σ·S, 0, 1) in HSV,       σ ~ U(max(0, 1 − s), 1 + s)
   hue         H ← (H + 2π·h) mod 2π in HSV,      h ~ U(−s, s)
-  The four operations run in one random order per call (shared by the batch).
-* Gaussian blur with one σ ~ U(σ_min, σ_max) per call, kernel size per dimension
+  The four operations run in a random order drawn **per image**.
+* Gaussian blur with σ ~ U(σ_min, σ_max) drawn **per image**, kernel size per dimension
   k(D) = ⌊⌈0.1·D⌉ − 0.5 + (⌈0.1·D⌉ mod 2)⌋ (always odd; 63 for D = 640), reflect padding.
   Blur is linear with a normalised kernel, so it commutes with the per-channel normalisation.
 * Whether jitter and blur run at all is decided once per iteration by
   :func:`draw_augmentation_flags` (official: jitter when u > 0.2, blur when u > 0.5).
+
+The official code augments one mixed image at a time (a fresh kornia ``ColorJitter`` and a fresh
+``np.random.uniform(0.15, 1.15)`` for each), so every image gets its own factors, op order and σ;
+only the on/off flags are shared by the iteration. This module draws the same per-image quantities
+for the whole batch at once.
 
 Randomness: all draws use the ``generator`` argument (a CPU ``torch.Generator``) or, when it is
 ``None``, torch's global CPU RNG. Parameters are drawn on the CPU and moved to the images' device.
@@ -41,7 +46,9 @@ class JitterParams(NamedTuple):
     contrast: torch.Tensor  # B factors
     saturation: torch.Tensor  # B factors
     hue: torch.Tensor  # B shifts in units of a full turn (radians / 2π)
-    order: list[int]  # permutation of (0 brightness, 1 contrast, 2 saturation, 3 hue)
+    # per image, a permutation of (0 brightness, 1 contrast, 2 saturation, 3 hue); a single
+    # permutation (a flat list) applies to every image
+    order: list[list[int]] | list[int]
 
 
 def draw_augmentation_flags(
@@ -113,7 +120,7 @@ def sample_jitter_params(
 ) -> JitterParams:
     """Draw the jitter factors of one call (kornia ColorJitter(s, s, s, s) ranges, per image).
 
-    Draw order: brightness, contrast, saturation, hue (B values each), then the op order.
+    Draw order: brightness, contrast, saturation, hue (B values each), then one op order per image.
     """
     if not 0.0 <= strength <= 0.5:
         raise ValueError(f"colour jitter strength must lie in [0, 0.5] (hue limit), got {strength}")
@@ -126,8 +133,15 @@ def sample_jitter_params(
     contrast = uniform(low, 1.0 + strength)
     saturation = uniform(low, 1.0 + strength)
     hue = uniform(-strength, strength)
-    order = torch.randperm(4, generator=generator).tolist()
+    order = [torch.randperm(4, generator=generator).tolist() for _ in range(batch_size)]
     return JitterParams(brightness, contrast, saturation, hue, order)
+
+
+def sample_blur_sigmas(batch_size: int, sigma_range: Sequence[float] = (0.15, 1.15),
+                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """One σ ~ U(σ_min, σ_max) per image (float64, CPU)."""
+    low, high = (float(v) for v in sigma_range)
+    return low + (high - low) * torch.rand(batch_size, generator=generator, dtype=torch.float64)
 
 
 def _per_image(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -157,36 +171,71 @@ def adjust_hue(images01: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
     return hsv_to_rgb(torch.stack((hue, saturation, value), dim=1))
 
 
-def apply_color_jitter(images01: torch.Tensor, params: JitterParams) -> torch.Tensor:
-    """Apply brightness/contrast/saturation/hue in ``params.order`` to B×3×H×W images in [0, 1]."""
+def _orders_per_image(order: list, batch_size: int) -> list[tuple[int, ...]]:
+    if order and isinstance(order[0], int):
+        return [tuple(order)] * batch_size
+    if len(order) != batch_size:
+        raise ValueError(f"expected one jitter order per image ({batch_size}), got {len(order)}")
+    return [tuple(o) for o in order]
+
+
+def _jitter_in_order(images01: torch.Tensor, params: JitterParams, order: Sequence[int],
+                     index: torch.Tensor) -> torch.Tensor:
     ops = (
-        lambda x: adjust_brightness(x, params.brightness),
-        lambda x: adjust_contrast(x, params.contrast),
-        lambda x: adjust_saturation(x, params.saturation),
-        lambda x: adjust_hue(x, params.hue),
+        lambda x: adjust_brightness(x, params.brightness[index]),
+        lambda x: adjust_contrast(x, params.contrast[index]),
+        lambda x: adjust_saturation(x, params.saturation[index]),
+        lambda x: adjust_hue(x, params.hue[index]),
     )
     out = images01
-    for index in params.order:
-        out = ops[index](out)
+    for op in order:
+        out = ops[op](out)
     return out
 
 
-def gaussian_kernel1d(size: int, sigma: float, device=None, dtype=torch.float32) -> torch.Tensor:
-    """Normalised 1-D Gaussian window of odd ``size`` centred at size // 2."""
-    offsets = torch.arange(size, device=device, dtype=dtype) - size // 2
-    window = torch.exp(-(offsets**2) / (2.0 * sigma**2))
-    return window / window.sum()
+def apply_color_jitter(images01: torch.Tensor, params: JitterParams) -> torch.Tensor:
+    """Apply brightness/contrast/saturation/hue to B×3×H×W images in [0, 1], each image in its own
+    ``params.order`` (images that share an order are processed together)."""
+    orders = _orders_per_image(params.order, images01.shape[0])
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, order in enumerate(orders):
+        groups.setdefault(order, []).append(i)
+    if len(groups) == 1:
+        return _jitter_in_order(images01, params, orders[0], torch.arange(images01.shape[0]))
+    out = torch.empty_like(images01)
+    for order, members in groups.items():
+        index = torch.tensor(members)
+        out[index.to(images01.device)] = _jitter_in_order(images01[index.to(images01.device)], params, order, index)
+    return out
 
 
-def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of B×C×H×W images with the official kernel size and reflect padding."""
-    _, channels, height, width = images.shape
+def _gaussian_windows(size: int, sigmas: torch.Tensor, device, dtype) -> torch.Tensor:
+    """``len(sigmas) × size`` normalised Gaussian windows centred at size // 2."""
+    offsets = torch.arange(size, device=device, dtype=torch.float64) - size // 2
+    windows = torch.exp(-(offsets[None, :] ** 2) / (2.0 * sigmas.to(device)[:, None] ** 2))
+    return (windows / windows.sum(dim=1, keepdim=True)).to(dtype)
+
+
+def gaussian_blur(images: torch.Tensor, sigma: Union[float, torch.Tensor]) -> torch.Tensor:
+    """Separable Gaussian blur of B×C×H×W images with the official kernel size and reflect padding.
+
+    ``sigma`` is one float for the batch or a tensor of B values, one per image.
+    """
+    batch, channels, height, width = images.shape
+    sigmas = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1)
+    if sigmas.numel() == 1:
+        sigmas = sigmas.expand(batch)
+    if sigmas.numel() != batch:
+        raise ValueError(f"expected one blur sigma or {batch}, got {sigmas.numel()}")
     size_y, size_x = blur_kernel_size(height), blur_kernel_size(width)
-    kernel_y = gaussian_kernel1d(size_y, sigma, images.device, images.dtype)
-    kernel_x = gaussian_kernel1d(size_x, sigma, images.device, images.dtype)
-    padded = F.pad(images, (size_x // 2, size_x // 2, size_y // 2, size_y // 2), mode="reflect")
-    out = F.conv2d(padded, kernel_y.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
-    return F.conv2d(out, kernel_x.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
+    # one depth-wise kernel per (image, channel): fold the batch into the channels
+    kernel_y = _gaussian_windows(size_y, sigmas, images.device, images.dtype).repeat_interleave(channels, dim=0)
+    kernel_x = _gaussian_windows(size_x, sigmas, images.device, images.dtype).repeat_interleave(channels, dim=0)
+    folded = images.reshape(1, batch * channels, height, width)
+    padded = F.pad(folded, (size_x // 2, size_x // 2, size_y // 2, size_y // 2), mode="reflect")
+    out = F.conv2d(padded, kernel_y.view(-1, 1, size_y, 1), groups=batch * channels)
+    out = F.conv2d(out, kernel_x.view(-1, 1, 1, size_x), groups=batch * channels)
+    return out.reshape(batch, channels, height, width)
 
 
 def strong_augment(
@@ -205,8 +254,8 @@ def strong_augment(
         images: ImageNet-normalised images (mean/std in 0–255 units).
         apply_jitter, apply_blur: the per-iteration flags from :func:`draw_augmentation_flags`.
         strength: s, the jitter strength (brightness = contrast = saturation = hue = s).
-        blur_sigma: (σ_min, σ_max); σ is drawn once per call.
-        generator: CPU generator for the jitter factors, op order and σ; ``None``: global RNG.
+        blur_sigma: (σ_min, σ_max); σ is drawn per image.
+        generator: CPU generator for the jitter factors, op orders and σs; ``None``: global RNG.
 
     With both flags off the input tensor is returned unchanged (it is never modified in place).
     """
@@ -220,7 +269,5 @@ def strong_augment(
         jittered = apply_color_jitter(denormalize(images, mean, std), params)
         out = normalize(jittered, mean, std)
     if apply_blur:
-        low, high = (float(v) for v in blur_sigma)
-        sigma = low + (high - low) * float(torch.rand(1, generator=generator, dtype=torch.float64))
-        out = gaussian_blur(out, sigma)
+        out = gaussian_blur(out, sample_blur_sigmas(images.shape[0], blur_sigma, generator))
     return out

@@ -23,7 +23,7 @@ def _as_bhw(labels: torch.Tensor) -> torch.Tensor:
 
 
 def class_mix_masks(
-    source_labels: torch.Tensor, generator: Optional[torch.Generator] = None
+    source_labels: torch.Tensor, generator: Optional[torch.Generator] = None, exclude: Sequence[int] = ()
 ) -> torch.Tensor:
     """ClassMix masks M (B×H×W bool): True where the source pixel is pasted.
 
@@ -32,15 +32,24 @@ def class_mix_masks(
     of them are drawn without replacement, and M_i = [y_s[i] ∈ chosen_i]. A chosen class absent from
     image i simply pastes nothing.
 
+    ``exclude`` removes classes from the candidates before the draw (they are never pasted). The
+    official rule excludes nothing; on scenes where one class (a background) covers most pixels, the
+    rule pastes that class in about half of the images, which makes those mixes mostly source.
+
     Args:
         source_labels: B×H×W (or B×1×H×W) integer labels.
         generator: CPU generator for the class draws; ``None`` uses torch's global RNG.
+        exclude: class values that may not be pasted (e.g. ``(0, 255)``).
     """
     labels = _as_bhw(source_labels)
+    if labels.numel() == 0:
+        raise ValueError("class_mix_masks needs a non-empty label batch")
     classes = torch.unique(labels)
+    if exclude:
+        classes = classes[~torch.isin(classes, torch.as_tensor(list(exclude), device=classes.device))]
     num_classes = classes.numel()
     if num_classes == 0:
-        raise ValueError("class_mix_masks needs a non-empty label batch")
+        return torch.zeros_like(labels, dtype=torch.bool)
     num_chosen = (num_classes + num_classes % 2) // 2
     masks = []
     for label in labels:

@@ -101,3 +101,27 @@ def pseudo_weight_map(
     if ignore_bottom > 0:
         weights[:, max(height - ignore_bottom, 0):, :] = 0
     return weights
+
+
+def pseudo_label_accuracy(labels: torch.Tensor, truth: torch.Tensor, confidence: torch.Tensor,
+                          threshold: float, ignore_index: int = 255) -> dict[str, float]:
+    """Quality of pseudo-labels against held-back ground truth (monitoring only).
+
+    Returns ``pseudo_acc`` (pixel accuracy over every labelled pixel), ``pseudo_acc_confident``
+    (over the labelled pixels whose confidence is ≥ ``threshold``; NaN when there is none) and
+    ``pseudo_miou`` (mean IoU over the classes present in the batch's labels or pseudo-labels), which
+    is not dominated by a class that covers most pixels.
+    """
+    valid = truth != ignore_index
+    correct = (labels == truth) & valid
+    confident = valid & (confidence >= threshold)
+    total, total_confident = int(valid.sum()), int(confident.sum())
+    nan = float("nan")
+    classes = int(max(labels.max(), truth[valid].max() if total else 0)) + 1
+    pairs = truth[valid] * classes + labels[valid]
+    matrix = torch.bincount(pairs, minlength=classes * classes).view(classes, classes).double()
+    union = matrix.sum(0) + matrix.sum(1) - matrix.diag()
+    present = union > 0
+    return {"pseudo_acc": float(correct.sum()) / total if total else nan,
+            "pseudo_acc_confident": float((correct & confident).sum()) / total_confident if total_confident else nan,
+            "pseudo_miou": float((matrix.diag()[present] / union[present]).mean()) if total else nan}

@@ -5,16 +5,25 @@ The update follows the DACS / DAFormer code, which every contrastive method here
     t = 0:   θ' ← θ                                   (exact copy)
     t > 0:   θ' ← α_t θ' + (1 − α_t) θ,   α_t = min(1 − 1/(t + 1), α_max)
 
-with α_max = 0.999 (DAFormer) or 0.99 (DACS). Only *parameters* are averaged; buffers such as BN
-running statistics are not. The teacher module stays in train mode, so its BN layers normalise
-with the statistics of the batch they see, while dropout and DropPath are disabled: this is the
-"inference condition" of the official code, which never calls ``.eval()`` on the teacher.
+with α_max = 0.999 (DAFormer) or 0.99 (DACS). A module may follow the student at a rate of its
+own (RCCR's momentum projector): ``rates`` maps a parameter-name prefix to its α_max, and the same
+warm-up ``min(1 − 1/(t + 1), ·)`` applies to it. The teacher module stays in train mode, so its BN
+layers normalise with the statistics of the batch they see, while dropout and DropPath are disabled:
+this is the "inference condition" of the official code, which never calls ``.eval()`` on the teacher.
+
+The BN *running* statistics therefore never take part in training; they matter only when the teacher
+is evaluated (or exported). The official code lets the teacher's own forward passes update them, so
+they describe the weak target batches alone, which is not the normalisation its averaged weights
+were trained under (on the night digits the final teacher lost 1–2 mIoU to that alone: with the
+student's statistics it scored above the student). udaseg freezes them against the teacher's forwards
+and averages the student's into them with the main α_t, so an evaluated teacher is the EMA of the
+student in every respect. Pseudo-labels are unaffected.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -61,6 +70,13 @@ def disable_dropout(module: nn.Module) -> list[nn.Module]:
     return found
 
 
+def freeze_running_statistics(module: nn.Module) -> None:
+    """Make BN forwards in train mode leave ``running_mean``/``running_var`` unchanged (momentum 0)."""
+    for layer in module.modules():
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.track_running_stats:
+            layer.momentum = 0.0
+
+
 class EMATeacher:
     """An EMA copy of a student network, run without gradients.
 
@@ -77,21 +93,39 @@ class EMATeacher:
             ...
     """
 
-    def __init__(self, student: nn.Module, alpha_max: float = 0.999) -> None:
-        if not 0.0 <= alpha_max < 1.0:
-            raise ValueError(f"alpha_max must lie in [0, 1), got {alpha_max}")
+    def __init__(self, student: nn.Module, alpha_max: float = 0.999,
+                 rates: Optional[dict[str, float]] = None) -> None:
+        for value in [alpha_max, *(rates or {}).values()]:
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"alpha_max must lie in [0, 1), got {value}")
         self.student = student
         self.alpha_max = alpha_max
+        self.rates = dict(rates or {})
         self.module = copy.deepcopy(unwrap_model(student))
         for param in self.module.parameters():
             param.requires_grad_(False)
         self.module.train()
         self._dropout_layers = disable_dropout(self.module)
+        freeze_running_statistics(self.module)
+        self._groups = self._rate_groups()
         self.last_alpha: float | None = None
 
-    def alpha(self, iteration: int) -> float:
+    def _rate_groups(self) -> list[tuple[float, list[int]]]:
+        """(α_max, parameter indices) per rate; a parameter takes the longest prefix that matches it."""
+        names = [name for name, _ in self.module.named_parameters()]
+        for prefix in self.rates:
+            if not any(name.startswith(prefix) for name in names):
+                raise ValueError(f"EMA rate prefix '{prefix}' matches no parameter of the model")
+        prefixes = sorted(self.rates, key=len, reverse=True)
+        groups: dict[float, list[int]] = {self.alpha_max: []}
+        for index, name in enumerate(names):
+            prefix = next((p for p in prefixes if name.startswith(p)), None)
+            groups.setdefault(self.rates[prefix] if prefix is not None else self.alpha_max, []).append(index)
+        return [(rate, indices) for rate, indices in groups.items() if indices]
+
+    def alpha(self, iteration: int, alpha_max: Optional[float] = None) -> float:
         """α_t = min(1 − 1/(t + 1), α_max)."""
-        return min(1.0 - 1.0 / (iteration + 1), self.alpha_max)
+        return min(1.0 - 1.0 / (iteration + 1), self.alpha_max if alpha_max is None else alpha_max)
 
     @torch.no_grad()
     def update(self, iteration: int) -> None:
@@ -107,12 +141,25 @@ class EMATeacher:
         if iteration == 0:
             for t, s in zip(teacher_params, student_params):
                 t.copy_(s)
+            self._average_statistics(0.0)
             self.last_alpha = 0.0
             return
-        alpha = self.alpha(iteration)
-        torch._foreach_mul_(teacher_params, alpha)
-        torch._foreach_add_(teacher_params, student_params, alpha=1.0 - alpha)
-        self.last_alpha = alpha
+        for rate, indices in self._groups:
+            alpha = self.alpha(iteration, rate)
+            targets = [teacher_params[i] for i in indices]
+            torch._foreach_mul_(targets, alpha)
+            torch._foreach_add_(targets, [student_params[i] for i in indices], alpha=1.0 - alpha)
+        self.last_alpha = self.alpha(iteration)
+        self._average_statistics(self.last_alpha)
+
+    def _average_statistics(self, alpha: float) -> None:
+        """Running BN statistics ← α·teacher + (1 − α)·student (α = 0 copies them)."""
+        student = dict(unwrap_model(self.student).named_buffers())
+        for name, buffer in self.module.named_buffers():
+            source = student.get(name)
+            if source is None or not name.endswith(("running_mean", "running_var")):
+                continue
+            buffer.mul_(alpha).add_(source.detach(), alpha=1.0 - alpha)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Forward of the teacher module under ``torch.no_grad`` (train-mode BN, no dropout)."""

@@ -6,6 +6,7 @@ order); its own keys then update theirs. Presets whose names start with ``_`` ar
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Sequence
 
@@ -17,7 +18,8 @@ from udaseg.errors import UserError
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
-__all__ = ["Config", "load_config", "list_presets", "preset_path", "config_to_yaml", "to_dict"]
+__all__ = ["Config", "load_config", "list_presets", "preset_path", "config_to_yaml", "to_dict",
+           "scale_iteration_counts"]
 
 
 def list_presets() -> list[str]:
@@ -60,3 +62,25 @@ def load_config(name_or_path: str | None = None, overrides: Sequence[str] = ()) 
 
 def config_to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def scale_iteration_counts(cfg: Config, iterations: int) -> None:
+    """Set ``train.iterations`` and scale every setting counted in iterations (warm-ups, switch-on
+    points: fields marked with :data:`udaseg.config.schema.ITERATION_COUNT`) by the same factor."""
+    factor = iterations / max(cfg.train.iterations, 1)
+    cfg.train.iterations = iterations
+    cfg.method.section_items()  # materialises the active method's section, defaults included
+
+    def visit(node) -> None:
+        for spec in dataclasses.fields(node):
+            value = getattr(node, spec.name)
+            if spec.metadata.get("unit") == "iterations" and isinstance(value, int):
+                setattr(node, spec.name, int(round(value * factor)))
+            elif dataclasses.is_dataclass(value):
+                visit(value)
+            elif isinstance(value, dict):  # method sections
+                for item in value.values():
+                    if dataclasses.is_dataclass(item):
+                        visit(item)
+
+    visit(cfg)

@@ -118,6 +118,23 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     raise UserError(f"config key '{path}' expects {_type_name(tp)}, got {value!r}")
 
 
+def open_sections(cls: type, missing: str | None = None) -> dict[str, type]:
+    """Sections a dataclass accepts besides its fields (``__open_sections__``: a method's config
+    section under ``method.``); they are stored in its ``sections`` field. ``missing`` names a key
+    that was not found, so the provider may look further (installed plugins)."""
+    hook = getattr(cls, "__open_sections__", None)
+    return hook(missing) if callable(hook) else {}
+
+
+def _field_names(cls: type, missing: str | None = None) -> dict[str, Any]:
+    sections = open_sections(cls, missing)
+    names: dict[str, Any] = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    if sections:
+        names.pop("sections", None)
+        names.update(sections)
+    return names
+
+
 def from_dict(cls: type, data: dict, path: str = "") -> Any:
     """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise ``UserError``."""
     if data is None:
@@ -125,12 +142,20 @@ def from_dict(cls: type, data: dict, path: str = "") -> Any:
     if not isinstance(data, dict):
         raise UserError(f"config section '{path or '<root>'}' must be a mapping, got {data!r}")
     hints = get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    kwargs = {}
+    sections = open_sections(cls)
+    fields = _field_names(cls)
+    kwargs: dict[str, Any] = {}
     for key, value in data.items():
+        where = f"{path}.{key}" if path else key
+        if sections and key not in fields:
+            sections = open_sections(cls, str(key))
+            fields = _field_names(cls)
+        if key in sections and key not in hints:
+            kwargs.setdefault("sections", {})[key] = _convert(value, sections[key], where)
+            continue
         if key not in fields:
             raise _unknown_key_error(path, str(key), fields)
-        kwargs[key] = _convert(value, hints[key], f"{path}.{key}" if path else key)
+        kwargs[key] = _convert(value, hints[key], where)
     obj = cls(**kwargs)
     validate = getattr(obj, "validate", None)
     if callable(validate):
@@ -139,6 +164,10 @@ def from_dict(cls: type, data: dict, path: str = "") -> Any:
 
 
 def to_dict(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and hasattr(obj, "section_items"):
+        out = {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.name != "sections"}
+        out.update({k: to_dict(v) for k, v in obj.section_items().items()})
+        return out
     if dataclasses.is_dataclass(obj):
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, (list, tuple)):
@@ -193,10 +222,13 @@ def check_override_path(cls: type, keys: list[str]) -> None:
             tp = non_none[0]
         if not dataclasses.is_dataclass(tp):
             return
-        names = {f.name for f in dataclasses.fields(tp)}
+        names = _field_names(tp)
+        if key not in names and open_sections(tp):
+            names = _field_names(tp, key)
         if key not in names:
             raise _unknown_key_error(".".join(keys[:depth]), key, names)
-        tp = get_type_hints(tp)[key]
+        hints = get_type_hints(tp)
+        tp = hints[key] if key in hints else names[key]
 
 
 def load_yaml(path: str) -> dict:

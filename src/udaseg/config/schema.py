@@ -12,6 +12,10 @@ from typing import Literal, Optional
 
 from udaseg.errors import UserError
 
+# Field metadata of settings counted in training iterations: a shorter or longer budget scales them
+# (``udaseg.config.scale_iteration_counts``), so a warm-up keeps its share of the run.
+ITERATION_COUNT = {"unit": "iterations"}
+
 IMAGENET_MEAN = [123.675, 116.28, 103.53]
 IMAGENET_STD = [58.395, 57.12, 57.375]
 
@@ -34,6 +38,7 @@ class DatasetConfig:
     root: str = ""
     split: str = "train"
     labelled: bool = True
+    monitor_labels: bool = False  # unlabelled stream: load labels only to measure pseudo-label accuracy
     resize: Optional[list[int]] = None  # [width, height] scale, see keep_ratio
     keep_ratio: bool = True
     crop_size: Optional[list[int]] = None  # [height, width]
@@ -41,6 +46,7 @@ class DatasetConfig:
     flip: bool = False
     rcs: RCSConfig = field(default_factory=RCSConfig)
     options: dict = field(default_factory=dict)  # dataset-specific extras (e.g. ACDC condition)
+    pseudo_labels: str = ""  # folder of an offline 'pseudo_labels' pass: labels are read from there
 
     def validate(self) -> None:
         for key in ("resize", "crop_size"):
@@ -68,6 +74,8 @@ class ModelConfig:
     num_classes: int = 19
     pretrained: str = ""  # path to ImageNet backbone weights (official file), '' for random init
     options: dict = field(default_factory=dict)  # constructor overrides (e.g. drop_path_rate)
+    init_from: str = ""  # a udaseg checkpoint whose weights (only) start the run
+    init_from_model: Literal["student", "teacher"] = "student"  # which of its models
 
 
 @dataclass
@@ -81,7 +89,7 @@ class OptimConfig:
     no_decay_keys: list[str] = field(default_factory=lambda: ["norm", "pos_block"])
     power: float = 1.0  # poly decay power
     min_lr: float = 0.0
-    warmup_iters: int = 1500
+    warmup_iters: int = field(default=1500, metadata=ITERATION_COUNT)
     warmup_ratio: float = 1e-6
 
 
@@ -101,6 +109,7 @@ class TrainConfig:
     sync_bn: bool = False
     backward_per_group: bool = True  # back-propagate after each view group (lower peak memory)
     deterministic: bool = False
+    eval_teacher: Literal["final", "every"] = "final"  # evaluate the EMA teacher at the end or at every eval
 
 
 @dataclass
@@ -113,108 +122,79 @@ class FeatureDistanceConfig:
     scale_min_ratio: float = 0.75
 
 
+# EMA teacher momentum of each method's official code; methods not listed use DAFormer's 0.999.
+EMA_ALPHA_BY_METHOD = {"dacs": 0.99}
+DAFORMER_EMA_ALPHA = 0.999
+
+
 @dataclass
 class SelfTrainingConfig:
-    """The DACS / DAFormer mean-teacher self-training base."""
+    """The DACS / DAFormer mean-teacher self-training base.
 
-    ema_alpha: float = 0.999
+    ``ema_alpha=None`` takes the method's official value (:data:`EMA_ALPHA_BY_METHOD`): 0.99 for
+    ``dacs`` (the DACS release), 0.999 for DAFormer and the methods built on it.
+    """
+
+    ema_alpha: Optional[float] = None
     pseudo_threshold: float = 0.968
     ignore_top: int = 0  # rows at the top of target images whose pseudo-label weight is 0
     ignore_bottom: int = 0
     mix: Literal["class", "none"] = "class"
+    mix_exclude_classes: list[int] = field(default_factory=list)  # classes ClassMix never pastes
+    confidence_weight: Literal["batch", "image"] = "batch"  # one quality weight per batch (code) or image
     color_jitter_prob: float = 0.8  # probability that colour jitter is applied
     color_jitter_strength: float = 0.2
     blur_prob: float = 0.5
     blur_sigma: list[float] = field(default_factory=lambda: [0.15, 1.15])
+    augmentation_draws: Literal["shared", "per_view"] = "shared"  # jitter/blur on-off: one draw per iteration or per view
     feature_distance: FeatureDistanceConfig = field(default_factory=FeatureDistanceConfig)
 
 
 @dataclass
-class SePiCoConfig:
-    """SePiCo (Xie et al., TPAMI 2023). Defaults are the official code's."""
+class MethodConfig:
+    """The method to train and its settings.
 
-    variant: Literal["proto", "bank", "dist"] = "dist"
-    temperature: float = 100.0
-    weight: float = 1.0  # lambda_cl
-    reg_weight: float = 1.0  # relative weight of L_reg (effective lambda_reg = weight * reg_weight)
-    warmup_iters: int = 3000  # L_w: contrastive terms start at this 0-based iteration
-    proj_dim: int = 512
-    feature: str = "auto"  # encoder tap the projection head reads: auto | enc4 | enc_fused | encN
-    bank_size: int = 200
-    bank_negatives: Literal["exp_of_mean", "mean_of_exp"] = "exp_of_mean"
-    covariance: Literal["diagonal", "full"] = "diagonal"
-    label_min_ratio: float = 0.75
-    class_balanced_crop: bool = True
-    crop_candidates: int = 10
-    crop_cat_max_ratio: float = 0.75
-    target_crop_size: Optional[list[int]] = None  # [h, w]; None: the source crop size
-    source_loss: bool = True
-    target_loss: bool = True
-    dark: bool = False  # Cityscapes -> Dark Zurich day/night fusion and class re-weighting
-    dark_train_scale: float = 0.05
-    dark_test_scale: float = 0.16
+    ``name`` is any registered method (:mod:`udaseg.methods`). Besides the shared ``self_training``
+    base, each method owns a section ``method.<section>`` declared where the method is registered;
+    those live in ``sections`` and read as attributes (``cfg.method.sepico``), with defaults when
+    a preset does not set them.
+    """
 
+    name: str = "source_only"
+    self_training: SelfTrainingConfig = field(default_factory=SelfTrainingConfig)
+    sections: dict = field(default_factory=dict)
 
-@dataclass
-class T2SDAConfig:
-    """T2S-DA (pulling target to source). Defaults are the paper's, with the spec's choices."""
+    @staticmethod
+    def __open_sections__(missing: Optional[str] = None) -> dict:
+        from udaseg.methods import method_sections
 
-    weight: float = 0.1  # lambda
-    temperature: float = 0.2
-    loss: Literal["infonce", "mse"] = "infonce"
-    proj_dim: int = 256
-    feature: str = "enc_last"  # projector input tap: enc_last | encN | enc_fused | decoder
-    proj_final_act: bool = True
-    fda_beta: float = 0.01
-    fda_window: Literal["official", "paper"] = "official"
-    base_queries: int = 128
-    negatives: int = 1024
-    unreliable_quantile: float = 0.5
-    quantile_per_image: bool = False
-    reweight: bool = True  # dynamic re-weighting (DRW)
-    reweight_beta: float = 0.5
-    absent_class_weight: Literal["max", "mean"] = "max"
-    target_negatives: bool = True  # DENPS: half the negatives from unreliable target pixels
-    class_balanced_queries: bool = True  # CBQS
-    reduction: Literal["mean", "paper_sum"] = "mean"
-    source_ce_on_pseudo_target: bool = False
-    label_downsample: Literal["ratio", "nearest"] = "ratio"
-    label_min_ratio: float = 0.75
-    domain_generalisation: bool = False
-    dg_translations: list[str] = field(default_factory=lambda: ["fda", "weather", "cartoon", "style_stats"])
-    dg_reference_dir: str = ""  # folder of reference images for the DG FDA translation
-    dg_weights: str = ""  # folder with the AdaIN and/or Style Augmentation release files
+        return method_sections(missing)
 
+    def __getattr__(self, key: str):
+        sections = self.__dict__.get("sections")
+        if key.startswith("_") or sections is None:
+            raise AttributeError(key)
+        if key not in sections:
+            known = MethodConfig.__open_sections__(key)
+            if key not in known:
+                raise AttributeError(f"no config section 'method.{key}'; sections: {', '.join(sorted(known))}")
+            sections[key] = known[key]()
+        return sections[key]
 
-@dataclass
-class MICConfig:
-    """MIC (masked image consistency) added to a self-training base. Defaults are the official code's."""
+    def section_items(self) -> dict:
+        """Sections to write out: those set explicitly plus the active method's own (with defaults)."""
+        from udaseg.methods import method_entry
 
-    base: Literal["dacs", "daformer", "sepico", "t2sda"] = "daformer"  # the method MIC is added to
-    block_size: int = 32  # mask block b in pixels; must divide the crop (32 on 512² crops, 64 on 1024²)
-    mask_ratio: float = 0.7  # r, the masked fraction of blocks
-    weight: float = 1.0  # lambda_m
-    images: Literal["target", "source_and_target", "source"] = "target"
-    color_augmentation: bool = True  # fresh colour jitter + blur before masking
-    quality_weight: bool = True  # False: weight 1 instead of the teacher's confidence ratio
+        items = dict(self.sections)
+        own = method_entry(self.name).section
+        if own is not None and own not in items:
+            items[own] = getattr(self, own)
+        return items
 
     def validate(self) -> None:
-        if self.block_size < 1:
-            raise UserError(f"config key 'method.mic.block_size' must be a positive number of pixels, "
-                            f"got {self.block_size}")
-        if not 0.0 <= self.mask_ratio < 1.0:
-            raise UserError(f"config key 'method.mic.mask_ratio' must lie in [0, 1), got {self.mask_ratio}")
-        if self.weight < 0:
-            raise UserError(f"config key 'method.mic.weight' must be >= 0, got {self.weight}")
+        from udaseg.methods import method_entry
 
-
-@dataclass
-class MethodConfig:
-    name: Literal["source_only", "target_oracle", "dacs", "daformer", "sepico", "t2sda", "mic"] = "source_only"
-    self_training: SelfTrainingConfig = field(default_factory=SelfTrainingConfig)
-    sepico: SePiCoConfig = field(default_factory=SePiCoConfig)
-    t2sda: T2SDAConfig = field(default_factory=T2SDAConfig)
-    mic: MICConfig = field(default_factory=MICConfig)
+        method_entry(self.name)
 
 
 @dataclass
@@ -230,6 +210,44 @@ class EvalConfig:
 
 
 @dataclass
+class PassConfig:
+    """An offline pass run before a stage, on the previous stage's final weights.
+
+    Its files go to ``<train.work_dir>/<name>/``. ``dataset`` defaults to the stage's target set
+    (``pseudo_labels``) or source set (``class_prototypes``), always without random crop and flip.
+    """
+
+    name: str = ""
+    kind: str = "pseudo_labels"  # pseudo_labels | class_prototypes | a registered pass
+    dataset: Optional[DatasetConfig] = None
+    model: Literal["student", "teacher"] = "teacher"
+    threshold: float = 0.0  # pseudo_labels: pixels whose max softmax is below it become 255
+    options: dict = field(default_factory=dict)  # kind-specific extras (class_prototypes: tap)
+
+    def validate(self) -> None:
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise UserError(f"offline pass name {self.name!r} must be a plain folder name")
+
+
+@dataclass
+class StageConfig:
+    """One stage of a pipeline: an ordinary training run in ``<train.work_dir>/<name>/``.
+
+    ``config`` is a partial config (same keys as a preset) that updates the run's config for this
+    stage; ``{work_dir}`` in its strings stands for the pipeline's ``train.work_dir``. A stage
+    starts from the previous stage's final weights (``model.init_from``) unless it sets its own.
+    """
+
+    name: str = ""
+    before: list[PassConfig] = field(default_factory=list)  # offline passes run before the stage
+    config: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise UserError(f"stage name {self.name!r} must be a plain folder name")
+
+
+@dataclass
 class Config:
     name: str = "custom"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -239,3 +257,14 @@ class Config:
     method: MethodConfig = field(default_factory=MethodConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     reference: dict = field(default_factory=dict)  # published numbers this preset reproduces
+    stages: list[StageConfig] = field(default_factory=list)  # a pipeline of training runs (engine.pipeline)
+
+    def __post_init__(self) -> None:
+        resolve_method_defaults(self)
+
+
+def resolve_method_defaults(cfg: Config) -> None:
+    """Fill the settings left at ``None`` ("the method's own value") from ``cfg.method.name``."""
+    self_training = cfg.method.self_training
+    if self_training.ema_alpha is None:
+        self_training.ema_alpha = EMA_ALPHA_BY_METHOD.get(cfg.method.name, DAFORMER_EMA_ALPHA)

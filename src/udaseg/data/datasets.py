@@ -15,6 +15,7 @@ label values the id table does not define become 255 and are reported once per d
 from __future__ import annotations
 
 import csv
+import dataclasses
 import difflib
 import importlib
 import warnings
@@ -285,6 +286,30 @@ def register_dataset(name: str) -> Callable[[DatasetFactory], DatasetFactory]:
     return decorator
 
 
+class MonitorLabels(torch.utils.data.Dataset):
+    """An unlabelled view of a labelled dataset: each item's ``label`` becomes ``monitor_label``.
+
+    No objective reads ``monitor_label``; it only measures how accurate the pseudo-labels are on a
+    target whose labels exist (the digits benchmark), which adaptation itself never uses.
+    """
+
+    def __init__(self, dataset: torch.utils.data.Dataset):
+        self.dataset = dataset
+
+    def __getattr__(self, name: str):
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> dict:
+        item = dict(self.dataset[index])
+        item["monitor_label"] = item.pop("label")
+        return item
+
+
 def build_dataset(cfg: DatasetConfig, mean: Sequence[float], std: Sequence[float]) -> torch.utils.data.Dataset:
     """Build the dataset ``cfg.name``. Rare class sampling (``cfg.rcs``) is not applied here: the
     trainer wraps the source in ``udaseg.data.sampling.RareClassSampledDataset``."""
@@ -300,6 +325,8 @@ def build_dataset(cfg: DatasetConfig, mean: Sequence[float], std: Sequence[float
         match = difflib.get_close_matches(cfg.name, list(DATASETS), n=1, cutoff=0.5)
         hint = f"; did you mean '{match[0]}'?" if match else f"; known datasets: {', '.join(sorted(DATASETS))}"
         raise UserError(f"unknown dataset '{cfg.name}'{hint}")
+    if cfg.monitor_labels and not cfg.labelled:
+        return MonitorLabels(DATASETS[cfg.name](dataclasses.replace(cfg, labelled=True), mean, std))
     return DATASETS[cfg.name](cfg, mean, std)
 
 

@@ -620,7 +620,8 @@ def load_split(
 # --------------------------------------------------------------------------------------------
 
 DIGITS_CLASSES = ClassSet(name="digits", names=CLASS_NAMES, palette=PALETTE, ignore_index=IGNORE_INDEX)
-DATASET_OPTIONS = ("seed", "train_size", "val_size", "image_size")
+DATASET_OPTIONS = ("seed", "train_size", "val_size", "image_size", "dev_fraction")
+DEV_SPLIT = "dev"
 
 
 def _int_option(options: dict, key: str, default: int, dataset: str) -> int:
@@ -648,8 +649,24 @@ def options_from_config(cfg: DatasetConfig) -> tuple[int, BenchmarkSize]:
     return seed, size
 
 
+def dev_fraction_option(cfg: DatasetConfig) -> float:
+    value = (cfg.options or {}).get("dev_fraction", 0.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 0.5:
+        raise UserError(f"{cfg.name}: option 'dev_fraction' must be a number in [0, 0.5], got {value!r}")
+    return float(value)
+
+
+def dev_holdout(count: int, fraction: float) -> int:
+    """How many of ``count`` train images the ``dev`` split holds out (the last ones)."""
+    return min(int(round(count * fraction)), count - 1) if fraction > 0 else 0
+
+
 class DigitsDataset(torch.utils.data.Dataset):
     """One domain/split of the digits benchmark, with the shared resize/crop/flip/normalise pipeline.
+
+    With ``options.dev_fraction = f > 0`` the last ``round(f·N)`` of the N train images form the
+    ``dev`` split and ``train`` keeps the others: a labelled held-out part of the train distribution
+    for choosing settings, so that the ``val`` split stays untouched until the report.
 
     Items follow the dataset contract: ``image`` float32 3×S×S, ``label`` int64 S×S (labelled only),
     ``name`` ``"<domain>/<split>/<index>.png"`` and ``index``. ``cfg.root`` is the cache root (empty:
@@ -657,8 +674,11 @@ class DigitsDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, cfg: DatasetConfig, mean: Sequence[float], std: Sequence[float]) -> None:
-        _check_domain_split(cfg.name, cfg.split)
+        _check_domain_split(cfg.name, "train" if cfg.split == DEV_SPLIT else cfg.split)
         self.seed, self.size = options_from_config(cfg)
+        dev_fraction = dev_fraction_option(cfg)
+        if cfg.split == DEV_SPLIT and dev_fraction == 0:
+            raise UserError(f"{cfg.name}: split 'dev' needs options.dev_fraction > 0")
         self.dataset_name = cfg.name
         self.split = cfg.split
         self.labelled = cfg.labelled
@@ -666,15 +686,20 @@ class DigitsDataset(torch.utils.data.Dataset):
         cache_root = Path(cfg.root).expanduser() if cfg.root else None
         self.root = cache_dir(self.seed, cache_root, self.size)
         self.pipeline = Pipeline.from_config(cfg, mean, std)
-        data = load_split(cfg.name, cfg.split, self.seed, cache_root, self.size)
-        self.images = data.images
-        self.labels = data.labels
+        stored_split = "train" if cfg.split == DEV_SPLIT else cfg.split
+        data = load_split(cfg.name, stored_split, self.seed, cache_root, self.size)
+        self.images, self.labels = data.images, data.labels
+        if stored_split == "train":
+            held_out = dev_holdout(len(self.images), dev_fraction)
+            keep = slice(len(self.images) - held_out, None) if cfg.split == DEV_SPLIT else slice(0, len(self.images) - held_out)
+            self.images, self.labels = self.images[keep], self.labels[keep]
+        self.first_index = len(data.images) - len(self.images) if cfg.split == DEV_SPLIT else 0
 
     def __len__(self) -> int:
         return len(self.images)
 
     def sample_name(self, index: int) -> str:
-        return f"{self.dataset_name}/{self.split}/{index:05d}.png"
+        return f"{self.dataset_name}/{self.split}/{self.first_index + index:05d}.png"
 
     def stats_key(self, index: int) -> str:
         return self.sample_name(index)

@@ -55,6 +55,11 @@ def train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(config_to_yaml(cfg))
         return 0
+    stage = getattr(args, "stage", None)
+    if cfg.stages:
+        return _train_pipeline(cfg, resume, stage)
+    if stage:
+        raise UserError(f"--stage {stage}: the config has no stages")
     from udaseg.engine.trainer import Trainer
 
     trainer = Trainer(cfg, resume=resume)
@@ -62,6 +67,19 @@ def train(args: argparse.Namespace) -> int:
         print(f"udaseg train: {cfg.name} ({cfg.method.name}, {cfg.model.name}) -> {cfg.train.work_dir}; "
               f"effective config in {Path(cfg.train.work_dir) / 'config.yaml'}")
     summary = trainer.train()
+    if dist.is_main() and summary:
+        print(f"final student mIoU on {summary['dataset']}: {100 * summary['miou']:.2f}")
+    dist.cleanup()
+    return 0
+
+
+def _train_pipeline(cfg: Config, resume: Optional[str], stage: Optional[str]) -> int:
+    from udaseg.engine.pipeline import run_pipeline
+
+    if resume not in (None, "latest"):
+        raise UserError("a pipeline resumes from its work dir: use --resume without a file "
+                        "(or resume one stage's run with --resume <stage>/latest.pt and no --config)")
+    summary = run_pipeline(cfg, resume=resume is not None, only_stage=stage)
     if dist.is_main() and summary:
         print(f"final student mIoU on {summary['dataset']}: {100 * summary['miou']:.2f}")
     dist.cleanup()

@@ -36,7 +36,9 @@ class SeededItems(Dataset):
     def __getitem__(self, key: tuple[int, int]):
         index, seed = key
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            # Only the CPU generator: torch.manual_seed would also queue seeds for every
+            # accelerator backend, which costs more than loading a small item.
+            torch.default_generator.manual_seed(seed)
             return self.dataset[index]
 
 

@@ -27,6 +27,7 @@ from udaseg.engine.checkpoint import CheckpointManager, capture_rng_state, load_
 from udaseg.engine.loader import DataStream, mix_seed
 from udaseg.engine.logging import MetricsLogger, progress_bar
 from udaseg.engine.optim import PolyWarmupSchedule, build_optimizer
+from udaseg.engine.owned import OwnedOptimizers
 from udaseg.errors import UserError
 from udaseg.evaluation.evaluator import evaluate
 from udaseg.methods import build_method
@@ -39,6 +40,13 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+def seed_devices(seed: int, device: torch.device) -> None:
+    """Seed the CPU generator and, for a CUDA run, the current device's (cheaper than torch.manual_seed)."""
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed(seed)
 
 
 def check_writable(path: Path) -> None:
@@ -59,6 +67,8 @@ def build_segmentor(cfg: Config) -> nn.Module:
 
 
 def build_source_dataset(cfg: Config, spec: DatasetConfig):
+    if spec.pseudo_labels:
+        return build_pseudo_labelled_dataset(cfg, spec)
     dataset = build_dataset(spec, cfg.data.mean, cfg.data.std)
     if spec.rcs.enabled:
         from udaseg.data.sampling import RareClassSampledDataset
@@ -67,12 +77,26 @@ def build_source_dataset(cfg: Config, spec: DatasetConfig):
     return dataset
 
 
+def build_pseudo_labelled_dataset(cfg: Config, spec: DatasetConfig):
+    """A training stream labelled by an offline ``pseudo_labels`` pass (``spec.pseudo_labels``)."""
+    from udaseg.engine.offline import PseudoLabelledDataset
+
+    if spec.rcs.enabled:
+        raise UserError(f"dataset '{spec.name}': rare class sampling cannot run on offline pseudo-labels "
+                        "(pseudo_labels and rcs.enabled are exclusive)")
+    dataset = build_dataset(dataclasses.replace(spec, labelled=False), cfg.data.mean, cfg.data.std)
+    return PseudoLabelledDataset(dataset, Path(spec.pseudo_labels))
+
+
 def amp_dtype(cfg: Config) -> Optional[torch.dtype]:
     return torch.bfloat16 if cfg.train.amp == "bf16" else None
 
 
 class Trainer:
     def __init__(self, cfg: Config, resume: Optional[str] = None, progress: bool = True):
+        if cfg.stages:
+            raise UserError(f"config '{cfg.name}' is a pipeline of {len(cfg.stages)} stages: run it with "
+                            "'udaseg train' (udaseg.engine.pipeline.run_pipeline), not as one run")
         self.cfg = cfg
         self.progress = progress
         self.device = dist.local_device(cfg.train.device)
@@ -88,6 +112,8 @@ class Trainer:
         segmentor = build_segmentor(cfg)
         self.method = build_method(cfg, segmentor)
         model = UDAModel(segmentor, self.method.heads)
+        if cfg.model.init_from:
+            self._init_from(model)
         if cfg.train.sync_bn and dist.is_enabled():
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = model.to(self.device)
@@ -97,9 +123,10 @@ class Trainer:
             self.model.segmentor.forward = torch.compile(self.model.segmentor.forward)
         dist.broadcast_module(self.model)
         self.objectives = nn.ModuleList(self.method.objectives).to(self.device)
-        self.teacher = EMATeacher(self.model, cfg.method.self_training.ema_alpha) if self.method.uses_teacher else None
+        self.teacher = self._build_teacher()
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.schedule = PolyWarmupSchedule(self.optimizer, cfg.optim, cfg.train.iterations)
+        self.owned = OwnedOptimizers(self.method.objectives, cfg.train.iterations)
         self.step = TrainStep(self.model, self.teacher, self.method.objectives, cfg.model.num_classes,
                               cfg.train.backward_per_group, amp_dtype(cfg), cfg.train.channels_last)
 
@@ -113,6 +140,20 @@ class Trainer:
         if resume:
             self.load(self._resolve_resume(resume))
 
+    def _init_from(self, model: UDAModel) -> None:
+        from udaseg.engine.init_from import load_initial_weights
+
+        load_initial_weights(model, Path(self.cfg.model.init_from), self.cfg.model.name, self.cfg.model.num_classes,
+                             self.cfg.model.init_from_model)
+
+    def _build_teacher(self) -> Optional[EMATeacher]:
+        if not self.method.uses_teacher:
+            return None
+        try:
+            return EMATeacher(self.model, self.cfg.method.self_training.ema_alpha, self.method.ema_rates)
+        except ValueError as error:
+            raise UserError(f"method '{self.cfg.method.name}': {error}") from None
+
     # -- data -------------------------------------------------------------------------------
     def _build_streams(self) -> None:
         cfg = self.cfg
@@ -125,7 +166,7 @@ class Trainer:
         if self.method.target_labelled:
             if cfg.data.target is None:
                 raise UserError("method 'target_oracle' needs data.target (with labels)")
-            spec = dataclasses.replace(cfg.data.target, labelled=True)
+            spec = cfg.data.target if cfg.data.target.pseudo_labels else dataclasses.replace(cfg.data.target, labelled=True)
             self.streams["target"] = DataStream(build_source_dataset(cfg, spec), stream=TARGET_STREAM, **common)
             return
         self.streams["source"] = DataStream(build_source_dataset(cfg, cfg.data.source), stream=SOURCE_STREAM,
@@ -133,8 +174,9 @@ class Trainer:
         if self.method.uses_target:
             if cfg.data.target is None:
                 raise UserError(f"method '{cfg.method.name}' needs data.target")
-            self.streams["target"] = DataStream(build_dataset(cfg.data.target, cfg.data.mean, cfg.data.std),
-                                                stream=TARGET_STREAM, **common)
+            target = (build_pseudo_labelled_dataset(cfg, cfg.data.target) if cfg.data.target.pseudo_labels
+                      else build_dataset(cfg.data.target, cfg.data.mean, cfg.data.std))
+            self.streams["target"] = DataStream(target, stream=TARGET_STREAM, **common)
 
     def _next_batch(self) -> dict:
         batch = {}
@@ -158,12 +200,12 @@ class Trainer:
                 bar.update(1)
                 if it % cfg.log_interval == 0 or self.iteration == cfg.iterations:
                     record = {**dist.average_values(result.losses), **result.metrics, "lr": self.optimizer.param_groups[0]["lr"],
-                              "time": round(time.perf_counter() - start, 4)}
+                              **self.owned.lrs(), "time": round(time.perf_counter() - start, 4)}
                     self.logger.log(it, "train", record)
                     bar.set_postfix({k: f"{v:.3g}" for k, v in list(result.losses.items())[:3]}, refresh=False)
                 final = self.iteration == cfg.iterations
                 if self.val_sets and (self.iteration % cfg.eval_interval == 0 or final):
-                    last_eval = self.evaluate_all(teacher_too=final)
+                    last_eval = self.evaluate_all(teacher_too=final or cfg.eval_teacher == "every")
                 if self.iteration % cfg.checkpoint_interval == 0 or final:
                     self.save(metric=last_eval.get("miou"))
         finally:
@@ -177,14 +219,17 @@ class Trainer:
             self.teacher.update(it)
         self.schedule.step(it)
         self.optimizer.zero_grad(set_to_none=True)
+        self.owned.begin_iteration(it)
         batch = self._next_batch()
         # Everything random in an iteration (dropout, drop-path, the step's draws) derives from
         # (seed, iteration, rank): distinct per rank, identical after a resume.
-        torch.manual_seed(mix_seed(self.cfg.train.seed, it, dist.rank(), 1))
+        seed_devices(mix_seed(self.cfg.train.seed, it, dist.rank(), 1), self.device)
         generator = torch.Generator().manual_seed(mix_seed(self.cfg.train.seed, it, dist.rank()))
         result = self.step.run(batch, it, generator)
         dist.average_gradients(self.model.parameters())
         self.optimizer.step()
+        self.owned.step()
+        self.step.after_step(result)
         return result
 
     # -- evaluation -------------------------------------------------------------------------
@@ -225,6 +270,7 @@ class Trainer:
             "objectives": self.objectives.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
+            **({"owned_optimizers": self.owned.state_dict()} if self.owned else {}),
             "iteration": self.iteration,
             "streams": {name: stream.position for name, stream in self.streams.items()},
             "rng": capture_rng_state(),
@@ -250,12 +296,18 @@ class Trainer:
     def load(self, path: Path) -> None:
         state = load_checkpoint(path)
         check_compatible(state, self.cfg, path)
+        saved_method = state.get("method")
+        if saved_method is not None and saved_method != self.cfg.method.name:
+            raise UserError(f"checkpoint {path} was saved by method '{saved_method}', the config trains "
+                            f"'{self.cfg.method.name}' (use model.init_from to start from its weights)")
         self.model.load_state_dict(state["model"])
         if self.teacher is not None and state.get("teacher") is not None:
             self.teacher.load_state_dict(state["teacher"])
         self.objectives.load_state_dict(state["objectives"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
+        if self.owned:
+            self.owned.load_state_dict(state.get("owned_optimizers", {}), path)
         self.iteration = int(state["iteration"])
         for name, position in state["streams"].items():
             if name in self.streams:

@@ -1,95 +1,165 @@
-"""Methods: each is a list of objectives over the shared training step, plus the heads it trains.
+"""Methods: each is a list of objectives over the shared training step, plus the modules it trains.
 
-``build_method(cfg, segmentor)`` returns a :class:`Method`. The bases are configs, not forks:
+A method is **one file** that registers itself with :func:`register_method` and, where it has
+settings, owns its config section (a dataclass; the section appears as ``method.<section>`` in
+presets and is validated like every other config key, typos included)::
 
-| name | objectives |
-|---|---|
-| ``source_only`` | CE on the source |
-| ``target_oracle`` | CE on labelled target images (the upper bound) |
-| ``dacs`` | source CE + ClassMix pseudo-label CE with an EMA teacher |
-| ``daformer`` | DACS + ImageNet feature distance (+ RCS and warm-up from the data/optim config) |
-| ``sepico`` | DAFormer-style self-training + semantic-guided pixel contrast (``methods.sepico``) |
-| ``t2sda`` | self-training + pulling target to source (``methods.t2sda``) |
-| ``mic`` | ``mic.base`` (DAFormer by default) + masked image consistency (``methods.mic``) |
+    @dataclass
+    class MyConfig:
+        weight: float = 0.1
+
+    @register_method("my_method", config=MyConfig)
+    def build_my_method(cfg: Config, segmentor: nn.Module) -> Method:
+        mine = cfg.method.my_method          # a MyConfig
+        return Method([SupervisedSegmentation("source"), MyObjective(mine.weight)])
+
+Built-in methods are the modules of this package; the registry imports them on first use.
+Third-party packages register through the entry-point group ``udaseg.methods`` (the entry point
+names a module, or an object inside one, whose import calls :func:`register_method`)::
+
+    [project.entry-points."udaseg.methods"]
+    my_method = "my_package.my_method"
+
+| name | file | objectives |
+|---|---|---|
+| ``source_only`` | ``base.py`` | CE on the source |
+| ``target_oracle`` | ``base.py`` | CE on labelled target images (the upper bound) |
+| ``dacs`` | ``dacs.py`` | source CE + ClassMix pseudo-label CE with an EMA teacher |
+| ``daformer`` | ``daformer.py`` | DACS + ImageNet feature distance (+ RCS and warm-up from the data/optim config) |
+| ``sepico`` | ``sepico.py`` | DAFormer-style self-training + semantic-guided pixel contrast |
+| ``t2sda`` | ``t2sda.py`` | self-training + pulling target to source |
+| ``pgpc`` | ``pgpc.py`` | DAFormer self-training + pseudo-label guided pixel contrast |
+| ``mic`` | ``mic.py`` | ``mic.base`` (DAFormer by default) + masked image consistency |
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import pkgutil
+import warnings
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional
 
 from torch import nn
 
 from udaseg.adapt.step import Objective
-from udaseg.config.schema import Config
 from udaseg.errors import UserError
+
+ENTRY_POINT_GROUP = "udaseg.methods"
 
 
 @dataclass
 class Method:
+    """What a method builder returns.
+
+    ``heads``: extra heads trained with the segmentor (in ``UDAModel``, EMA'd into the teacher, in
+    the segmentor's optimiser with the head learning rate), each with the encoder tap it reads.
+    ``ema_rates``: α_max per parameter-name prefix of ``UDAModel`` (e.g. ``"heads.momentum_proj"``)
+    where a module follows the student at its own rate; the rest uses ``self_training.ema_alpha``.
+    Modules that an objective trains with its own optimiser (a discriminator) are not listed here:
+    the objective owns them (see :meth:`udaseg.adapt.step.Objective.owned_optimizers`).
+    """
+
     objectives: list[Objective]
     heads: dict[str, tuple[nn.Module, str]] = field(default_factory=dict)
     uses_teacher: bool = False
     uses_target: bool = False
     target_labelled: bool = False
+    ema_rates: dict[str, float] = field(default_factory=dict)
 
 
-MethodBuilder = Callable[[Config, nn.Module], Method]
-METHODS: dict[str, MethodBuilder] = {}
-_LAZY = {"sepico": "udaseg.methods.sepico", "t2sda": "udaseg.methods.t2sda", "mic": "udaseg.methods.mic"}
+MethodBuilder = Callable[..., Method]
 
 
-def register_method(name: str) -> Callable[[MethodBuilder], MethodBuilder]:
-    def decorator(fn: MethodBuilder) -> MethodBuilder:
-        METHODS[name] = fn
-        return fn
+@dataclass(frozen=True)
+class MethodEntry:
+    name: str
+    builder: MethodBuilder
+    section: Optional[str] = None  # config key under ``method.``
+    config: Optional[type] = None  # the section's dataclass
+
+
+_REGISTRY: dict[str, MethodEntry] = {}
+_SECTIONS: dict[str, type] = {}
+_loaded = {"builtins": False, "plugins": False}
+
+
+def register_method(name: str, config: Optional[type] = None,
+                    section: Optional[str] = None) -> Callable[[MethodBuilder], MethodBuilder]:
+    """Decorator: register ``builder(cfg, segmentor) -> Method`` as method ``name``.
+
+    ``config`` is the dataclass of the method's settings, read as ``cfg.method.<section>``
+    (``section`` defaults to ``name``; methods may share one section by naming it).
+    """
+    if config is not None and not dataclasses.is_dataclass(config):
+        raise TypeError(f"config of method '{name}' must be a dataclass, got {config!r}")
+    key = (section or name) if config is not None else None
+    if key is not None and key in _SECTIONS and _SECTIONS[key] is not config:
+        raise ValueError(f"config section 'method.{key}' is already owned by {_SECTIONS[key].__name__}")
+    if key in ("name", "self_training", "sections"):
+        raise ValueError(f"'method.{key}' is reserved")
+
+    def decorator(builder: MethodBuilder) -> MethodBuilder:
+        _REGISTRY[name] = MethodEntry(name, builder, key, config)
+        if key is not None:
+            _SECTIONS[key] = config
+        return builder
     return decorator
 
 
-def build_method(cfg: Config, segmentor: nn.Module) -> Method:
-    name = cfg.method.name
-    if name not in METHODS and name in _LAZY:
-        importlib.import_module(_LAZY[name])
-    if name not in METHODS:
-        raise UserError(f"method '{name}' is not available; available: {', '.join(sorted(METHODS))}")
-    return METHODS[name](cfg, segmentor)
+def _load_builtins() -> None:
+    if _loaded["builtins"]:
+        return
+    _loaded["builtins"] = True
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
 
 
-def _self_training_objectives(cfg: Config, segmentor: nn.Module, feature_distance: bool) -> list[Objective]:
-    from udaseg.methods.base import SupervisedSegmentation
-    from udaseg.methods.dacs import PseudoLabelSelfTraining
-    from udaseg.methods.daformer import ImageNetFeatureDistance
+def _load_plugins() -> None:
+    from importlib.metadata import entry_points
 
-    objectives: list[Objective] = [SupervisedSegmentation("source")]
-    if feature_distance:
-        objectives.append(ImageNetFeatureDistance(cfg.method.self_training.feature_distance, segmentor,
-                                                  cfg.model.num_classes))
-    objectives.append(PseudoLabelSelfTraining(cfg.method.self_training, cfg.data.mean, cfg.data.std))
-    return objectives
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            entry.load()
+        except Exception as error:  # a broken plugin must not take the built-in methods down
+            warnings.warn(f"method plugin '{entry.name}' ({entry.value}) failed to load: {error}")
 
 
-@register_method("source_only")
-def _source_only(cfg: Config, segmentor: nn.Module) -> Method:
-    from udaseg.methods.base import SupervisedSegmentation
-    return Method([SupervisedSegmentation("source")])
+def _ensure_loaded(name: Optional[str] = None) -> None:
+    _load_builtins()
+    if not _loaded["plugins"] or (name is not None and name not in _REGISTRY):
+        _loaded["plugins"] = True
+        _load_plugins()
 
 
-@register_method("target_oracle")
-def _target_oracle(cfg: Config, segmentor: nn.Module) -> Method:
-    from udaseg.methods.base import SupervisedSegmentation
-    return Method([SupervisedSegmentation("target", loss_name="oracle_ce")], uses_target=True,
-                  target_labelled=True)
+def available_methods() -> list[str]:
+    _ensure_loaded()
+    return sorted(_REGISTRY)
 
 
-@register_method("dacs")
-def _dacs(cfg: Config, segmentor: nn.Module) -> Method:
-    return Method(_self_training_objectives(cfg, segmentor, feature_distance=False), uses_teacher=True,
-                  uses_target=True)
+def method_entry(name: str) -> MethodEntry:
+    """The registered method ``name``; a ``UserError`` naming the closest one when unknown."""
+    _ensure_loaded(name)
+    if name not in _REGISTRY:
+        from udaseg.config.loader import closest
+
+        hint = closest(name, _REGISTRY)
+        suffix = f"; did you mean '{hint}'?" if hint else f"; available: {', '.join(sorted(_REGISTRY))}"
+        raise UserError(f"config key 'method.name': unknown method '{name}'{suffix}")
+    return _REGISTRY[name]
 
 
-@register_method("daformer")
-def _daformer(cfg: Config, segmentor: nn.Module) -> Method:
-    fd = cfg.method.self_training.feature_distance.enabled
-    return Method(_self_training_objectives(cfg, segmentor, feature_distance=fd), uses_teacher=True,
-                  uses_target=True)
+def method_sections(missing: Optional[str] = None) -> dict[str, type]:
+    """Config sections owned by registered methods: ``{section key: dataclass}``.
+
+    ``missing``: a key the caller did not find; plugins are looked up again before giving up on it.
+    """
+    _ensure_loaded()
+    if missing is not None and missing not in _SECTIONS:
+        _load_plugins()
+    return dict(_SECTIONS)
+
+
+def build_method(cfg, segmentor: nn.Module) -> Method:
+    return method_entry(cfg.method.name).builder(cfg, segmentor)

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from udaseg.adapt.step import Need, Objective, StepContext
+from udaseg.adapt.step import ModelOutput, Need, Objective, StepContext
+from udaseg.methods import Method, register_method
 
 IGNORE_INDEX = 255
 
@@ -45,19 +46,40 @@ def segmentation_cross_entropy(logits: Tensor, labels: Tensor, pixel_weight: Opt
     return per_pixel.mean()
 
 
+def output_losses(out: ModelOutput, label: Tensor, pixel_weight: Optional[Tensor], outputs: dict[str, float],
+                  loss_name: str, class_weight: Optional[Tensor] = None) -> dict[str, Tensor]:
+    """Weighted CE of each named output of a multi-output model: ``{f"{loss_name}_{output}": w · CE}``.
+
+    An output that covers part of the input only (``out.boxes[name]``, in the label's pixel grid)
+    is compared with the labels and weights cut to its box (HRDA's detail crop).
+    """
+    losses = {}
+    for name, factor in outputs.items():
+        box = out.boxes.get(name)
+        target = box.crop(label) if box is not None else label
+        weight = box.crop(pixel_weight) if box is not None and pixel_weight is not None else pixel_weight
+        losses[f"{loss_name}_{name}"] = factor * segmentation_cross_entropy(out.output(name), target, weight,
+                                                                            class_weight)
+    return losses
+
+
 class SupervisedSegmentation(Objective):
     """Cross-entropy of the student on a labelled view.
 
     ``view="source"`` is source-only training (and the supervised part of every UDA method);
     ``view="target"`` with target labels is the target oracle, the upper bound of every report.
+    ``outputs`` (``{output name: weight}``) trains several named outputs of a multi-output model
+    instead of the main logits alone (see :func:`output_losses`).
     """
 
     name = "supervised"
 
-    def __init__(self, view: str = "source", loss_name: str = "ce", class_weight: Optional[Tensor] = None):
+    def __init__(self, view: str = "source", loss_name: str = "ce", class_weight: Optional[Tensor] = None,
+                 outputs: Optional[dict[str, float]] = None):
         super().__init__()
         self.view = view
         self.loss_name = loss_name
+        self.outputs = dict(outputs) if outputs else None
         self.register_buffer("class_weight", class_weight, persistent=False)
 
     def needs(self, iteration: int) -> list[Need]:
@@ -69,5 +91,19 @@ class SupervisedSegmentation(Objective):
         view = ctx.view(self.view)
         if view.label is None:
             raise RuntimeError(f"view '{self.view}' has no labels")
+        if self.outputs is not None:
+            return output_losses(ctx.student(self.view), view.label, view.weight, self.outputs, self.loss_name,
+                                 self.class_weight)
         logits = ctx.student(self.view).logits
         return {self.loss_name: segmentation_cross_entropy(logits, view.label, view.weight, self.class_weight)}
+
+
+@register_method("source_only")
+def build_source_only(cfg, segmentor) -> Method:
+    return Method([SupervisedSegmentation("source")])
+
+
+@register_method("target_oracle")
+def build_target_oracle(cfg, segmentor) -> Method:
+    return Method([SupervisedSegmentation("target", loss_name="oracle_ce")], uses_target=True,
+                  target_labelled=True)

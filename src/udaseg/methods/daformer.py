@@ -28,7 +28,8 @@ from torch import Tensor, nn
 
 from udaseg.adapt.downsample import downscale_label_ratio
 from udaseg.adapt.step import Need, Objective, StepContext
-from udaseg.config.schema import FeatureDistanceConfig
+from udaseg.config.schema import Config, FeatureDistanceConfig
+from udaseg.methods import Method, register_method
 
 
 def feature_distance(student: Tensor, imagenet: Tensor, mask: Tensor) -> Tensor:
@@ -80,3 +81,12 @@ class ImageNetFeatureDistance(Objective):
         mask = thing_class_mask(view.label, student.shape[-2:], self.cfg.classes, self.num_classes,
                                 self.cfg.scale_min_ratio)
         return {"fd": self.cfg.weight * feature_distance(student, imagenet, mask)}
+
+
+@register_method("daformer")
+def build_daformer(cfg: Config, segmentor: nn.Module) -> Method:
+    from udaseg.methods.dacs import self_training_objectives
+
+    fd = cfg.method.self_training.feature_distance.enabled
+    return Method(self_training_objectives(cfg, segmentor, feature_distance=fd), uses_teacher=True,
+                  uses_target=True)

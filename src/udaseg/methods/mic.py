@@ -38,7 +38,8 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import Literal, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -47,13 +48,35 @@ from udaseg.adapt.augment import draw_augmentation_flags, strong_augment
 from udaseg.adapt.masking import check_block_size, mask_images
 from udaseg.adapt.pseudo_label import pseudo_weight_map
 from udaseg.adapt.step import Need, Objective, StepContext
-from udaseg.config.schema import Config, MICConfig, SelfTrainingConfig
+from udaseg.config.schema import Config, SelfTrainingConfig
 from udaseg.errors import UserError
 from udaseg.methods import Method, build_method, register_method
 from udaseg.methods.base import segmentation_cross_entropy
 
 MASKED_VIEW = "masked"
 BLOCK_SIZE_KEY = "method.mic.block_size"
+
+
+@dataclass
+class MICConfig:
+    """``method.mic``: MIC added to a self-training base. Defaults are the official code's."""
+
+    base: Literal["dacs", "daformer", "sepico", "t2sda", "pgpc"] = "daformer"  # the method MIC is added to
+    block_size: int = 32  # mask block b in pixels; must divide the crop (32 on 512² crops, 64 on 1024²)
+    mask_ratio: float = 0.7  # r, the masked fraction of blocks
+    weight: float = 1.0  # lambda_m
+    images: Literal["target", "source_and_target", "source"] = "target"
+    color_augmentation: bool = True  # fresh colour jitter + blur before masking
+    quality_weight: bool = True  # False: weight 1 instead of the teacher's confidence ratio
+
+    def validate(self) -> None:
+        if self.block_size < 1:
+            raise UserError(f"config key 'method.mic.block_size' must be a positive number of pixels, "
+                            f"got {self.block_size}")
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise UserError(f"config key 'method.mic.mask_ratio' must lie in [0, 1), got {self.mask_ratio}")
+        if self.weight < 0:
+            raise UserError(f"config key 'method.mic.weight' must be >= 0, got {self.weight}")
 
 
 def masked_consistency_loss(masked_logits: Tensor, pseudo_labels: Tensor,
@@ -153,7 +176,7 @@ def check_crop_divisible(cfg: Config) -> None:
             check_block_size(spec.crop_size[0], spec.crop_size[1], cfg.method.mic.block_size, BLOCK_SIZE_KEY)
 
 
-@register_method("mic")
+@register_method("mic", config=MICConfig)
 def build_mic(cfg: Config, segmentor: nn.Module) -> Method:
     """``method.mic.base`` (DAFormer, DACS, SePiCo or T2S-DA) with the MIC objective added last."""
     mic = cfg.method.mic

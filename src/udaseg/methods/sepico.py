@@ -22,6 +22,7 @@ objectives that plug all of it into the shared training step (``build_sepico``, 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Literal, Optional, Sequence
 
 import torch
@@ -29,13 +30,41 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from udaseg.adapt.downsample import downscale_label_ratio
+from udaseg.adapt.geometry import CropBox as GeometryBox
 from udaseg.adapt.pseudo_label import pseudo_labels
 from udaseg.adapt.stats import OnlineClassStatistics
 from udaseg.adapt.step import Need, Objective, StepContext
-from udaseg.config.schema import Config, SelfTrainingConfig, SePiCoConfig
+from udaseg.config.schema import ITERATION_COUNT, Config, SelfTrainingConfig
 from udaseg.errors import UserError
 from udaseg.methods import Method, register_method
-from udaseg.methods.dacs import PseudoLabelSelfTraining, store_pseudo_labels, strong_view, teacher_pseudo_labels
+from udaseg.methods.dacs import (MONITOR, PseudoLabelSelfTraining, monitor_label, store_pseudo_labels, strong_view,
+                                 teacher_pseudo_labels)
+
+
+@dataclass
+class SePiCoConfig:
+    """SePiCo (Xie et al., TPAMI 2023). Defaults are the official code's."""
+
+    variant: Literal["proto", "bank", "dist"] = "dist"
+    temperature: float = 100.0
+    weight: float = 1.0  # lambda_cl
+    reg_weight: float = 1.0  # relative weight of L_reg (effective lambda_reg = weight * reg_weight)
+    warmup_iters: int = field(default=3000, metadata=ITERATION_COUNT)  # L_w: contrastive terms start here (0-based)
+    proj_dim: int = 512
+    feature: str = "auto"  # encoder tap the projection head reads: auto | enc4 | enc_fused | encN
+    bank_size: int = 200
+    bank_negatives: Literal["exp_of_mean", "mean_of_exp"] = "exp_of_mean"
+    covariance: Literal["diagonal", "full"] = "diagonal"
+    label_min_ratio: float = 0.75
+    class_balanced_crop: bool = True
+    crop_candidates: int = 10
+    crop_cat_max_ratio: float = 0.75
+    target_crop_size: Optional[list[int]] = None  # [h, w]; None: the source crop size
+    source_loss: bool = True
+    target_loss: bool = True
+    dark: bool = False  # Cityscapes -> Dark Zurich day/night fusion and class re-weighting
+    dark_train_scale: float = 0.05
+    dark_test_scale: float = 0.16
 
 IGNORE_INDEX = 255
 
@@ -592,7 +621,7 @@ class StrongAugmentedView(Objective):
 
     def prepare(self, ctx: StepContext, batch: dict) -> None:
         source = ctx.view(self.in_view)
-        image = strong_view(ctx, self.self_training, source.image, self.mean, self.std)
+        image = strong_view(ctx, self.self_training, source.image, self.mean, self.std, self.out_view)
         ctx.add_view(self.out_view, image, source.label, source.weight)
 
 
@@ -603,7 +632,7 @@ class TargetCropping(Objective):
     pipeline); for each image a ``crop_size`` box is chosen by :func:`class_balanced_crop_box` on the
     argmax pseudo-label; the 'target' view is replaced by the crops, which drops the cached teacher
     output, so the pseudo-labels used afterwards (``teacher_pseudo_labels``) are predicted again on the
-    crop. The boxes are kept in ``ctx.state["sepico_crop_boxes"]``.
+    crop. The boxes are kept in ``ctx.state["sepico_crop_boxes"]`` and on the cropped view (``View.boxes``).
 
     With ``dark=True`` (Cityscapes -> Dark Zurich, spec §1.11) the pseudo-label is the day/night fusion
     (:func:`fuse_day_night`, with ``class_weights``) of the teacher on the night image and on the
@@ -642,7 +671,11 @@ class TargetCropping(Objective):
                                                   self.cfg.crop_cat_max_ratio, ctx.generator)
             else:
                 boxes = [random_crop_box(target.image.shape[-2:], size, ctx.generator) for _ in full["labels"]]
-            ctx.add_view(self.target_view, crop_batch(target.image, boxes))
+            ctx.add_view(self.target_view, crop_batch(target.image, boxes),
+                         boxes=[GeometryBox.from_corners(*box) for box in boxes])
+            truth = monitor_label(ctx, batch, self.target_view)
+            if truth is not None:
+                ctx.state.setdefault(MONITOR, {})[self.target_view] = crop_batch(truth, boxes)
             if self.cfg.dark:
                 ctx.add_view(DAY_VIEW, crop_batch(ctx.view(DAY_VIEW).image, boxes))
             ctx.state[CROP_BOXES] = boxes
@@ -731,7 +764,8 @@ class SePiCoContrast(Objective):
             pseudo = teacher_pseudo_labels(ctx, self.self_training, self.target_view)
             labels = pseudo["labels"].clone()
             labels[pseudo["weight"] == 0] = IGNORE_INDEX
-            image = strong_view(ctx, self.self_training, ctx.view(self.target_view).image, self.mean, self.std)
+            image = strong_view(ctx, self.self_training, ctx.view(self.target_view).image, self.mean, self.std,
+                                TARGET_STRONG_VIEW)
             ctx.add_view(TARGET_STRONG_VIEW, image, labels)
 
     @torch.no_grad()
@@ -819,7 +853,7 @@ def _check_crop(name: str, size: Optional[Sequence[int]], stride: int, tap: str)
                         f"input (method.sepico.feature={tap!r})")
 
 
-@register_method("sepico")
+@register_method("sepico", config=SePiCoConfig)
 def build_sepico(cfg: Config, segmentor: nn.Module) -> Method:
     """SePiCo on DAFormer-style self-training (the official order, spec sepico.md §1.0)."""
     from udaseg.methods.base import SupervisedSegmentation

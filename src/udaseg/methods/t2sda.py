@@ -26,7 +26,7 @@ labels are trainIds with 255 = ignore.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Optional, Sequence, Union
 
 import torch
@@ -35,9 +35,40 @@ from torch import Tensor, nn
 
 from udaseg.adapt.downsample import downscale_label_nearest, downscale_label_ratio
 from udaseg.adapt.step import Need, Objective, StepContext
-from udaseg.config.schema import Config, SelfTrainingConfig, T2SDAConfig
+from udaseg.config.schema import Config, SelfTrainingConfig
 from udaseg.errors import UserError
 from udaseg.methods import Method, register_method
+
+
+@dataclass
+class T2SDAConfig:
+    """T2S-DA (pulling target to source). Defaults are the paper's, with the spec's choices."""
+
+    weight: float = 0.1  # lambda
+    temperature: float = 0.2
+    loss: Literal["infonce", "mse"] = "infonce"
+    proj_dim: int = 256
+    feature: str = "enc_last"  # projector input tap: enc_last | encN | enc_fused | decoder
+    proj_final_act: bool = True
+    fda_beta: float = 0.01
+    fda_window: Literal["official", "paper"] = "official"
+    base_queries: int = 128
+    negatives: int = 1024
+    unreliable_quantile: float = 0.5
+    quantile_per_image: bool = False
+    reweight: bool = True  # dynamic re-weighting (DRW)
+    reweight_beta: float = 0.5
+    absent_class_weight: Literal["max", "mean"] = "max"
+    target_negatives: bool = True  # DENPS: half the negatives from unreliable target pixels
+    class_balanced_queries: bool = True  # CBQS
+    reduction: Literal["mean", "paper_sum"] = "paper_sum"  # Eq. 5 sums over queries; "mean": per-class mean
+    source_ce_on_pseudo_target: bool = False
+    label_downsample: Literal["ratio", "nearest"] = "ratio"
+    label_min_ratio: float = 0.75
+    domain_generalisation: bool = False
+    dg_translations: list[str] = field(default_factory=lambda: ["fda", "weather", "cartoon", "style_stats"])
+    dg_reference_dir: str = ""  # folder of reference images for the DG FDA translation
+    dg_weights: str = ""  # folder with the AdaIN and/or Style Augmentation release files
 
 if TYPE_CHECKING:
     from udaseg.adapt.translate import RandomTranslation, Translator
@@ -246,10 +277,12 @@ class PullingLoss(nn.Module):
 
     Aggregation over the set ``V`` of classes that took part:
 
-    - ``reduction="mean"`` (default): ``sum_{c in V} w*_c mean_q l(q)`` with ``w*`` renormalised
-      over ``V``;
-    - ``reduction="paper_sum"``: the literal Eq. 5, ``(1/C) sum_{c in V} w*_c sum_q l(q)``, with the
-      weights as given (uniform ``1/C`` without ``class_weights``).
+    - ``reduction="paper_sum"`` (default): the literal Eq. 5, ``(1/C) sum_{c in V} w*_c sum_q l(q)``,
+      with the weights as given (uniform ``1/C`` without ``class_weights``). A class weighs in with
+      its number of queries, which is what class-balanced query sampling (Table 8) acts on;
+    - ``reduction="mean"`` (a switch): ``sum_{c in V} w*_c mean_q l(q)`` with ``w*`` renormalised
+      over ``V``. Its expected value does not depend on how many queries a class gets, so CBQS then
+      only changes the variance.
 
     Keys (teacher tensors) are detached; the gradient flows only into the queries. Similarities are
     computed as one matrix per class (``n_c x N``) from which the sampled columns are gathered, so an
@@ -261,7 +294,7 @@ class PullingLoss(nn.Module):
         negatives: ``m`` per query (1024).
         base_queries: ``n`` (128).
         loss: ``"infonce"`` or ``"mse"``.
-        reduction: ``"mean"`` or ``"paper_sum"``.
+        reduction: ``"paper_sum"`` (Eq. 5) or ``"mean"``.
         target_negatives: DENPS on (half the negatives from the target); off = all from the source.
         balanced_queries: CBQS on; off = ``n`` queries for every present class.
 
@@ -286,7 +319,7 @@ class PullingLoss(nn.Module):
     """
 
     def __init__(self, num_classes: int, temperature: float = 0.2, negatives: int = 1024, base_queries: int = 128,
-                 loss: Literal["infonce", "mse"] = "infonce", reduction: Literal["mean", "paper_sum"] = "mean",
+                 loss: Literal["infonce", "mse"] = "infonce", reduction: Literal["mean", "paper_sum"] = "paper_sum",
                  target_negatives: bool = True, balanced_queries: bool = True):
         super().__init__()
         if num_classes < 1:
@@ -730,7 +763,7 @@ def t2sda_projection_head(cfg: T2SDAConfig, segmentor: nn.Module) -> tuple[nn.Mo
     return ConvProjectionHead(channels, cfg.proj_dim, cfg.proj_dim, kernel_size=3, final_act=cfg.proj_final_act), tap
 
 
-@register_method("t2sda")
+@register_method("t2sda", config=T2SDAConfig)
 def build_t2sda(cfg: Config, segmentor: nn.Module) -> Method:
     """T2S-DA on the DACS/DAFormer base (UDA) or on source-only training (``domain_generalisation``)."""
     from udaseg.methods.base import SupervisedSegmentation

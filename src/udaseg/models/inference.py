@@ -8,6 +8,9 @@ evaluate with: slide mode, 1024×1024 windows at stride 683 on 1024×2048 Citysc
   it ends at the border; each window's logits are resized to the window size, added into a full-size
   canvas, and the canvas is divided by how many windows covered each pixel. Windows are run in batches
   of ``batch_windows`` crops (all windows have the same size, ``min(crop, image)``).
+* a model with its own inference (a method ``inference_logits(images, mode, crop_size, stride,
+  batch_windows) -> logits``, e.g. HRDA's fused multi-resolution sliding inference) is run through
+  it instead of the two modes above; resizing to ``out_size`` and ``flip`` still apply.
 * ``flip``: also run the horizontally flipped image, flip its logits back and average. mmseg averages
   softmax *probabilities* in its flip test; ``flip_merge="logits"`` (default) averages raw logits instead,
   ``flip_merge="probs"`` reproduces mmseg and returns ``log`` of the averaged probabilities (so their
@@ -81,7 +84,16 @@ def _slide(model: nn.Module, images: Tensor, crop: Tuple[int, int], stride: Tupl
     return canvas / count
 
 
+def own_inference(model: nn.Module):
+    """The model's own inference method, or ``None`` (then whole / slide inference run the forward)."""
+    method = getattr(model, "inference_logits", None)
+    return method if callable(method) else None
+
+
 def _single(model: nn.Module, images: Tensor, mode: str, crop, stride, batch_windows: int, out_size) -> Tensor:
+    own = own_inference(model)
+    if own is not None:
+        return _upsample(own(images, mode=mode, crop_size=crop, stride=stride, batch_windows=batch_windows), out_size)
     if mode == "whole":
         return _upsample(_logits(model, images), out_size)
     return _upsample(_slide(model, images, crop, stride, batch_windows), out_size)
@@ -132,3 +144,17 @@ def predict_logits(
         return (logits + flipped) / 2
     probs = (logits.float().softmax(1) + flipped.float().softmax(1)) / 2
     return probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
+
+
+def sliding_window_mode(crop_size, stride=None, batch_windows: int = 8):
+    """An inference mode for the training step (``Objective.inference_modes``): sliding-window logits
+    at the input's resolution, windows of ``crop_size`` at ``stride`` (default two thirds of the crop)."""
+    crop = _as_pair(crop_size, "crop_size")
+    if crop is None:
+        raise UserError("slide inference needs crop_size")
+    step = _as_pair(stride, "stride") or (-(-2 * crop[0] // 3), -(-2 * crop[1] // 3))
+
+    def run(model: nn.Module, images: Tensor) -> Tensor:
+        return _slide(model, images, crop, step, batch_windows)
+
+    return run

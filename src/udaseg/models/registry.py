@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from torch import nn
 
@@ -126,13 +126,17 @@ _RESNET_LAYOUTS = {8: ((1, 2, 1, 1), (1, 1, 2, 4)), 4: ((1, 1, 1, 1), (1, 2, 4, 
 
 
 def _deeplabv2(num_classes: int, depth: int, stem: str, base_width: int = 64, frozen_bn: bool = False,
-               freeze_bn_affine: bool = False, output_stride: int = 8) -> Segmentor:
+               freeze_bn_affine: bool = False, output_stride: int = 8,
+               head_dilations: Sequence[int] = (6, 12, 18, 24)) -> Segmentor:
     if output_stride not in _RESNET_LAYOUTS:
         raise UserError(f"output_stride must be one of {sorted(_RESNET_LAYOUTS)}, got {output_stride}")
     strides, dilations = _RESNET_LAYOUTS[output_stride]
     backbone = ResNet(depth, stem=stem, base_width=base_width, frozen_bn=frozen_bn, freeze_bn_affine=freeze_bn_affine,
                       strides=strides, dilations=dilations)
-    head = DeepLabV2Head(backbone.out_channels, num_classes, backbone.out_strides)
+    if not head_dilations or any(int(d) < 1 for d in head_dilations):
+        raise UserError(f"model option 'head_dilations' must be positive ints, got {list(head_dilations)}")
+    head = DeepLabV2Head(backbone.out_channels, num_classes, backbone.out_strides,
+                         dilations=tuple(int(d) for d in head_dilations))
     return Segmentor(backbone, head)
 
 
@@ -158,11 +162,12 @@ def deeplabv2_r18(num_classes: int, frozen_bn: bool = False, freeze_bn_affine: b
 
 @register_model("deeplabv2_tiny")
 def deeplabv2_tiny(num_classes: int, frozen_bn: bool = False, freeze_bn_affine: bool = False, base_width: int = 8,
-                   output_stride: int = 8) -> Segmentor:
+                   output_stride: int = 8, head_dilations: Sequence[int] = (6, 12, 18, 24)) -> Segmentor:
     """ResNet-18 layout of width ``base_width``; ``output_stride=4`` keeps layers 2-4 at stride 4
-    (dilations 2/4/8), which small images such as the digits benchmark need."""
+    (dilations 2/4/8), which small images such as the digits benchmark need. ``head_dilations`` are
+    the ASPP branches' dilations: the paper's 6/12/18/24 see mostly zero padding on a 16×16 map."""
     return _deeplabv2(num_classes, 18, "v1c", base_width=base_width, frozen_bn=frozen_bn,
-                      freeze_bn_affine=freeze_bn_affine, output_stride=output_stride)
+                      freeze_bn_affine=freeze_bn_affine, output_stride=output_stride, head_dilations=head_dilations)
 
 
 # ------------------------------------------------------------------------------ MiT based models

@@ -4,7 +4,8 @@ Spec: sepico.md §1.1.1 (``DLV2Head``), spcl.md §1.1 (``ASPP_Classifier_V2``), 
 
 Four parallel 3×3 convs on the last encoder stage, ``C_in → K`` with bias, dilation = padding
 ∈ {6, 12, 18, 24}; their outputs are **summed**. No BN, no activation, no dropout. Weights ~ N(0, 0.01),
-biases keep PyTorch's default init. Logits come out at the encoder's stride (8 for DeepLab-V2).
+biases 0: the official configs initialise ``aspp_modules`` with mmcv's ``Normal(std=0.01)``, whose bias
+is 0. Logits come out at the encoder's stride (8 for DeepLab-V2).
 
 The head has no hidden layer, so its ``forward_features`` returns its input (the last encoder stage) and
 the ``decoder`` tap of a DeepLab-V2 segmentor equals ``enc_last``. Keys ``aspp_modules.{i}.conv.*``
@@ -25,6 +26,7 @@ class _DilatedConv(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, num_classes, 3, padding=dilation, dilation=dilation, bias=True)
         nn.init.normal_(self.conv.weight, 0.0, 0.01)
+        nn.init.zeros_(self.conv.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(x)

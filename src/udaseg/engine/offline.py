@@ -1,0 +1,270 @@
+"""Offline passes between the stages of a pipeline, and datasets that read their outputs.
+
+A pass is a named, reusable step registered with :func:`register_pass`; it reads the weights a
+previous stage ended with and writes files under its own folder ``<work_dir>/<pass name>/``:
+
+| kind | writes |
+|---|---|
+| ``pseudo_labels`` | ``labels/<sample>.png`` (trainIds; 255 where the confidence is below ``threshold``) and ``confidence/<sample>.npz`` (``confidence``: float16 max-softmax), at the dataset's original image size |
+| ``class_prototypes`` | ``prototypes.pt``: ``prototypes`` K×C (mean of L2-normalised ``tap`` features over the pixels of each class in the labels), ``counts`` K |
+
+Every file is written to a temporary name and renamed, so an interrupted pass leaves only whole
+files; a pass started again skips the samples whose files are there (``resume``), and writes
+``pass.json`` when it is complete. Progress is shown with a progress bar.
+
+:class:`PseudoLabelledDataset` turns a dataset into one labelled by a ``pseudo_labels`` pass: its
+labels go through the dataset's own pipeline (resize, crop, flip) with the image, as ground truth
+would (``data.target.pseudo_labels: <folder>``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from udaseg.config.schema import Config, DatasetConfig, PassConfig
+from udaseg.errors import UserError
+
+DONE_FILE = "pass.json"
+IGNORE_INDEX = 255
+
+
+@dataclass
+class PassContext:
+    """What a pass runs with: its settings, the config of the stage it precedes, the weights to use."""
+
+    spec: PassConfig
+    run_cfg: Config  # the config of the stage that the pass feeds
+    weights_cfg: Config  # the config the weights were trained with
+    weights: Path  # a udaseg checkpoint (the previous stage's final weights)
+    out_dir: Path
+    resume: bool = True
+    progress: bool = True
+
+
+OfflinePass = Callable[[PassContext], dict]
+PASSES: dict[str, OfflinePass] = {}
+
+
+def register_pass(kind: str) -> Callable[[OfflinePass], OfflinePass]:
+    def decorator(fn: OfflinePass) -> OfflinePass:
+        PASSES[kind] = fn
+        return fn
+    return decorator
+
+
+def pass_done(out_dir: Path) -> bool:
+    return (out_dir / DONE_FILE).is_file()
+
+
+def run_pass(ctx: PassContext) -> dict:
+    """Run (or finish) pass ``ctx.spec``; a completed pass with ``resume`` is not run again."""
+    if ctx.spec.kind not in PASSES:
+        from udaseg.config.loader import closest
+
+        hint = closest(ctx.spec.kind, PASSES)
+        suffix = f"; did you mean '{hint}'?" if hint else f"; kinds: {', '.join(sorted(PASSES))}"
+        raise UserError(f"offline pass '{ctx.spec.name}': unknown kind '{ctx.spec.kind}'{suffix}")
+    if ctx.resume and pass_done(ctx.out_dir):
+        return json.loads((ctx.out_dir / DONE_FILE).read_text())
+    ctx.out_dir.mkdir(parents=True, exist_ok=True)
+    summary = PASSES[ctx.spec.kind](ctx)
+    record = {"name": ctx.spec.name, "kind": ctx.spec.kind, "weights": str(ctx.weights), **summary}
+    write_atomic(ctx.out_dir / DONE_FILE, lambda path: path.write_text(json.dumps(record, indent=2)))
+    return record
+
+
+# -- files ------------------------------------------------------------------------------------
+def write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
+    """``write(temp_path)`` next to ``path``, then rename it over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    temp_path = Path(temp)
+    try:
+        write(temp_path)
+        os.replace(temp_path, path)
+    except BaseException:
+        temp_path.unlink(missing_ok=True)
+        raise
+
+
+def _save_png(label: np.ndarray, path: Path) -> None:
+    Image.fromarray(np.ascontiguousarray(label, dtype=np.uint8), mode="L").save(path, format="PNG")
+
+
+def _save_npz(confidence: np.ndarray, path: Path) -> None:
+    with open(path, "wb") as handle:
+        np.savez_compressed(handle, confidence=confidence.astype(np.float16))
+
+
+def sample_name(dataset, index: int) -> str:
+    if hasattr(dataset, "sample_name"):
+        return dataset.sample_name(index)
+    return dataset.samples[index].name
+
+
+def output_stem(name: str) -> str:
+    """The relative file stem of a sample's outputs (its name without the image suffix)."""
+    return str(Path(name).with_suffix(""))
+
+
+def label_file(folder: Path, name: str) -> Path:
+    return Path(folder) / "labels" / f"{output_stem(name)}.png"
+
+
+def confidence_file(folder: Path, name: str) -> Path:
+    return Path(folder) / "confidence" / f"{output_stem(name)}.npz"
+
+
+# -- weights ----------------------------------------------------------------------------------
+def load_pass_model(ctx: PassContext) -> torch.nn.Module:
+    """The segmentor of ``ctx.weights`` (student or teacher, ``spec.model``) in eval mode."""
+    from udaseg.engine.init_from import initial_weights
+    from udaseg.engine.trainer import build_segmentor
+
+    cfg = dataclasses.replace(ctx.weights_cfg, model=dataclasses.replace(ctx.weights_cfg.model, pretrained="",
+                                                                         init_from=""))
+    weights = initial_weights(ctx.weights, cfg.model.name, cfg.model.num_classes, ctx.spec.model)
+    segmentor = build_segmentor(cfg)
+    prefix = "segmentor."
+    segmentor.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
+    return segmentor.eval()
+
+
+def pass_dataset(ctx: PassContext, default: Optional[DatasetConfig], labelled: bool):
+    """The pass's dataset: ``spec.dataset`` or ``default``, without random crop and flip."""
+    from udaseg.data import build_dataset
+
+    spec = ctx.spec.dataset or default
+    if spec is None:
+        raise UserError(f"offline pass '{ctx.spec.name}' needs a dataset (set its 'dataset')")
+    spec = dataclasses.replace(spec, crop_size=None, flip=False, labelled=labelled, pseudo_labels="",
+                               rcs=dataclasses.replace(spec.rcs, enabled=False))
+    return build_dataset(spec, ctx.run_cfg.data.mean, ctx.run_cfg.data.std)
+
+
+def _device(cfg: Config) -> torch.device:
+    from udaseg.engine import distributed as dist
+
+    return dist.local_device(cfg.train.device)
+
+
+# -- the built-in passes ----------------------------------------------------------------------
+@register_pass("pseudo_labels")
+def pseudo_label_pass(ctx: PassContext) -> dict:
+    """Pseudo-labels and confidences of a whole split (default: the stage's target set)."""
+    from udaseg.evaluation.evaluator import inference_model
+    from udaseg.models.inference import predict_logits
+
+    device = _device(ctx.run_cfg)
+    dataset = pass_dataset(ctx, ctx.run_cfg.data.target, labelled=False)
+    eval_cfg = ctx.weights_cfg.eval
+    model = inference_model(load_pass_model(ctx).to(device), eval_cfg, ctx.weights_cfg.model.num_classes)
+    written = skipped = 0
+    kept = total = 0
+    for index in tqdm(range(len(dataset)), desc=f"pass {ctx.spec.name}", disable=not ctx.progress,
+                      dynamic_ncols=True):
+        name = sample_name(dataset, index)
+        label_path, confidence_path = label_file(ctx.out_dir, name), confidence_file(ctx.out_dir, name)
+        if ctx.resume and label_path.is_file() and confidence_path.is_file():
+            skipped += 1
+            continue
+        original = dataset.load_arrays(index)["image"]
+        image = dataset[index]["image"].unsqueeze(0).to(device)
+        with torch.no_grad():
+            logits = predict_logits(model, image, mode=eval_cfg.mode, crop_size=eval_cfg.crop_size,
+                                    stride=eval_cfg.stride, flip=eval_cfg.flip, out_size=tuple(original.shape[:2]),
+                                    batch_windows=eval_cfg.batch_windows)
+        confidence, label = F.softmax(logits.float(), dim=1).max(dim=1)
+        label = label[0].to(torch.uint8)
+        label[confidence[0] < ctx.spec.threshold] = IGNORE_INDEX
+        kept += int((label != IGNORE_INDEX).sum())
+        total += label.numel()
+        write_atomic(confidence_path, lambda path: _save_npz(confidence[0].cpu().numpy(), path))
+        write_atomic(label_path, lambda path: _save_png(label.cpu().numpy(), path))
+        written += 1
+    return {"samples": len(dataset), "written": written, "skipped": skipped,
+            "kept_fraction_of_written": kept / total if total else None}
+
+
+@register_pass("class_prototypes")
+def class_prototype_pass(ctx: PassContext) -> dict:
+    """Per-class mean of L2-normalised features (tap ``options.tap``, default ``enc_last``) over a
+    labelled set (default: the stage's source set); labels are brought to the feature grid by
+    nearest-neighbour resizing. Classes without a pixel get a zero row and count 0."""
+    device = _device(ctx.run_cfg)
+    tap = str(ctx.spec.options.get("tap", "enc_last"))
+    dataset = pass_dataset(ctx, ctx.run_cfg.data.source, labelled=True)
+    model = load_pass_model(ctx).to(device)
+    classes = ctx.weights_cfg.model.num_classes
+    sums: Optional[torch.Tensor] = None
+    counts = torch.zeros(classes, dtype=torch.float64)
+    for index in tqdm(range(len(dataset)), desc=f"pass {ctx.spec.name}", disable=not ctx.progress,
+                      dynamic_ncols=True):
+        item = dataset[index]
+        with torch.no_grad():
+            features = model(item["image"].unsqueeze(0).to(device), taps=(tap,)).features[tap].float()
+        labels = F.interpolate(item["label"][None, None].float(), size=tuple(features.shape[-2:]),
+                               mode="nearest").long().flatten()
+        features = F.normalize(features, dim=1)[0].flatten(1).double().cpu()  # C×N
+        if sums is None:
+            sums = torch.zeros(classes, features.shape[0], dtype=torch.float64)
+        valid = labels < classes
+        sums.index_add_(0, labels[valid], features[:, valid].T)
+        counts += torch.bincount(labels[valid], minlength=classes).double()
+    assert sums is not None
+    prototypes = (sums / counts.clamp_min(1)[:, None]).float()
+    out = ctx.out_dir / "prototypes.pt"
+    write_atomic(out, lambda path: torch.save({"prototypes": prototypes, "counts": counts}, path))
+    return {"samples": len(dataset), "classes_seen": int((counts > 0).sum())}
+
+
+# -- reading pass outputs ---------------------------------------------------------------------
+class PseudoLabelledDataset(torch.utils.data.Dataset):
+    """``dataset`` with its labels read from a ``pseudo_labels`` pass folder.
+
+    Every sample's label file must exist (checked up front: the error names the first missing file)
+    and match the image's size.
+    """
+
+    def __init__(self, dataset, folder: Path) -> None:
+        if not hasattr(dataset, "load_arrays") or not hasattr(dataset, "transform"):
+            raise UserError(f"dataset {type(dataset).__name__} cannot take offline pseudo-labels")
+        self.dataset = dataset
+        self.folder = Path(folder)
+        self.classes = dataset.classes
+        self.names = [sample_name(dataset, i) for i in range(len(dataset))]
+        for name in self.names:
+            path = label_file(self.folder, name)
+            if not path.is_file():
+                raise UserError(f"offline pseudo-label file not found: {path} (run the pass that writes "
+                                f"{self.folder}, or fix data.*.pseudo_labels)")
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        arrays = dict(self.dataset.load_arrays(index))
+        path = label_file(self.folder, self.names[index])
+        try:
+            with Image.open(path) as im:
+                label = np.asarray(im, dtype=np.uint8)
+        except OSError as error:
+            raise UserError(f"cannot read offline pseudo-label {path}: {error}") from None
+        if label.shape != arrays["image"].shape[:2]:
+            raise UserError(f"offline pseudo-label {path} is {label.shape[1]}x{label.shape[0]}, its image "
+                            f"{arrays['image'].shape[1]}x{arrays['image'].shape[0]}")
+        arrays["label"] = label
+        return self.dataset.transform(arrays, index)
