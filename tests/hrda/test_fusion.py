@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from udaseg.adapt.multires import CropBox
+from udaseg.adapt.geometry import CropBox
 from udaseg.models.hrda import fuse_scales
 
 
@@ -40,7 +40,7 @@ def test_training_fusion_matches_the_explicit_reference():
     # Context crop 48x48 (context grid 6x6 at stride 8, fused grid 12x12 at stride 4);
     # detail box rows/cols [8, 24) = context cells [1, 3), detail cells [2, 6) holding a 4x4 prediction.
     low, high, att = _inputs()
-    box = CropBox(8, 24, 8, 24)
+    box = CropBox.from_corners(8, 24, 8, 24)
     fused, used = fuse_scales(low, high, att, box, output_stride=4, context_scale=0.5)
 
     mask = torch.zeros(1, 1, 6, 6, dtype=torch.float64)
@@ -57,7 +57,7 @@ def test_training_fusion_matches_the_explicit_reference():
 
 def test_outside_the_detail_region_the_prediction_is_pure_context():
     low, high, att = _inputs(1)
-    fused, used = fuse_scales(low, high, att, CropBox(8, 24, 8, 24), 4, 0.5)
+    fused, used = fuse_scales(low, high, att, CropBox.from_corners(8, 24, 8, 24), 4, 0.5)
     assert bool((used[..., 3:, :] == 0).all()) and bool((used[..., :, 3:] == 0).all())
     up_low = upsample2_reference(low)
     # Fused pixels whose bilinear taps are all outside the region (rows/cols >= 7) are exactly the context.
@@ -67,7 +67,7 @@ def test_outside_the_detail_region_the_prediction_is_pure_context():
 
 def test_context_is_weighted_before_it_is_upsampled():
     low, high, att = _inputs(2)
-    box = CropBox(8, 24, 8, 24)
+    box = CropBox.from_corners(8, 24, 8, 24)
     fused, used = fuse_scales(low, high, att, box, 4, 0.5)
     inserted = torch.zeros(2, 2, 12, 12, dtype=torch.float64)
     inserted[:, :, 2:6, 2:6] = high
@@ -87,6 +87,6 @@ def test_inference_fusion_is_unmasked_over_the_whole_crop():
 def test_class_agnostic_attention_broadcasts_over_classes():
     low, high, _ = _inputs(4, classes=3)
     att = torch.rand(2, 1, 6, 6, dtype=torch.float64)
-    fused, _ = fuse_scales(low, high, att, CropBox(8, 24, 8, 24), 4, 0.5)
-    per_class, _ = fuse_scales(low, high, att.expand(2, 3, 6, 6), CropBox(8, 24, 8, 24), 4, 0.5)
+    fused, _ = fuse_scales(low, high, att, CropBox.from_corners(8, 24, 8, 24), 4, 0.5)
+    per_class, _ = fuse_scales(low, high, att.expand(2, 3, 6, 6), CropBox.from_corners(8, 24, 8, 24), 4, 0.5)
     torch.testing.assert_close(fused, per_class)

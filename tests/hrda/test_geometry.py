@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from udaseg.adapt.multires import CropBox, check_detail_crop, context_downscale, crop, draw_detail_box, slide_boxes
+from udaseg.adapt.geometry import CropBox
+from udaseg.adapt.multires import check_detail_crop, context_downscale, draw_detail_box, slide_boxes
 from udaseg.errors import UserError
 from udaseg.models import build_model
 
@@ -16,8 +17,8 @@ def _boxes(height, width, detail, draws=400, seed=0):
 
 def test_paper_size_offsets_are_multiples_of_8_up_to_504():
     boxes = _boxes(1024, 1024, (512, 512), draws=2000)
-    rows = {b.y1 for b in boxes}
-    cols = {b.x1 for b in boxes}
+    rows = {b.top for b in boxes}
+    cols = {b.left for b in boxes}
     assert rows == cols == set(range(0, 505, 8))  # 64 offsets each; 512 is never drawn (official quirk)
     assert all(b.height == 512 and b.width == 512 for b in boxes)
 
@@ -25,9 +26,9 @@ def test_paper_size_offsets_are_multiples_of_8_up_to_504():
 def test_rectangular_crop_offsets_match_hand_computed_sets():
     # 64x96 context, 32x48 detail: rows (64-32+1)//8 = 4 choices, cols (96-48+1)//8 = 6 choices.
     boxes = _boxes(64, 96, (32, 48))
-    assert {b.y1 for b in boxes} == {0, 8, 16, 24}
-    assert {b.x1 for b in boxes} == {0, 8, 16, 24, 32, 40}
-    assert all((b.y2 - b.y1, b.x2 - b.x1) == (32, 48) for b in boxes)
+    assert {b.top for b in boxes} == {0, 8, 16, 24}
+    assert {b.left for b in boxes} == {0, 8, 16, 24, 32, 40}
+    assert all((b.height, b.width) == (32, 48) for b in boxes)
 
 
 def test_draw_order_rows_then_columns_from_the_generator():
@@ -35,28 +36,29 @@ def test_draw_order_rows_then_columns_from_the_generator():
     g = torch.Generator().manual_seed(7)
     y1 = int(torch.randint(64, (1,), generator=g)) * 8
     x1 = int(torch.randint(64, (1,), generator=g)) * 8
-    assert box == CropBox(y1, y1 + 512, x1, x1 + 512)
+    assert box == CropBox.from_corners(y1, y1 + 512, x1, x1 + 512)
 
 
 def test_detail_crop_of_context_size_is_the_whole_crop_and_small_margins_give_offset_0():
-    assert draw_detail_box(64, 64, (64, 64), 8) == CropBox(0, 64, 0, 64)
-    assert {b.y1 for b in _boxes(68, 64, (64, 32), draws=50)} == {0}  # margin 4 < 8
+    assert draw_detail_box(64, 64, (64, 64), 8) == CropBox.from_corners(0, 64, 0, 64)
+    assert {b.top for b in _boxes(68, 64, (64, 32), draws=50)} == {0}  # margin 4 < 8
 
 
 def test_boxes_on_the_prediction_grids():
-    box = CropBox(8, 520, 496, 1008)
-    assert box.divided(8) == CropBox(1, 65, 62, 126)  # context grid (stride 4 / 0.5)
-    assert box.divided(4) == CropBox(2, 130, 124, 252)  # detail grid (stride 4)
-    assert CropBox(12, 44, 4, 36).divided(16) == CropBox(0, 2, 0, 2)  # truncation, as the official scale_box
+    box = CropBox.from_corners(8, 520, 496, 1008)
+    assert box.scaled(1 / 8) == CropBox.from_corners(1, 65, 62, 126)  # context grid (stride 4 / 0.5)
+    assert box.scaled(1 / 4) == CropBox.from_corners(2, 130, 124, 252)  # detail grid (stride 4)
+    # truncation, as the official scale_box
+    assert CropBox.from_corners(12, 44, 4, 36).scaled(1 / 16) == CropBox.from_corners(0, 2, 0, 2)
 
 
 def test_crops_of_images_labels_and_weights():
-    box = CropBox(8, 24, 16, 40)
+    box = CropBox.from_corners(8, 24, 16, 40)
     image = torch.arange(2 * 3 * 32 * 48, dtype=torch.float32).reshape(2, 3, 32, 48)
     label = torch.arange(2 * 32 * 48).reshape(2, 32, 48)
-    assert torch.equal(crop(image, box), image[:, :, 8:24, 16:40])
-    assert torch.equal(crop(label, box), label[:, 8:24, 16:40])
-    assert crop(label[0], box).shape == (16, 24)
+    assert torch.equal(box.crop(image), image[:, :, 8:24, 16:40])
+    assert torch.equal(box.crop(label), label[:, 8:24, 16:40])
+    assert box.crop(label[0]).shape == (16, 24)
 
 
 def test_context_input_is_2x2_box_averaging_at_scale_half():
@@ -66,13 +68,13 @@ def test_context_input_is_2x2_box_averaging_at_scale_half():
 
 
 def test_overlapping_slide_windows():
-    offsets = {(b.y1, b.x1) for b in slide_boxes(1024, 1024, (512, 512))}
+    offsets = {(b.top, b.left) for b in slide_boxes(1024, 1024, (512, 512))}
     assert offsets == {(y, x) for y in (0, 256, 512) for x in (0, 256, 512)}
-    assert {(b.y1, b.x1) for b in slide_boxes(1024, 1024, (512, 512), overlapping=False)} == \
+    assert {(b.top, b.left) for b in slide_boxes(1024, 1024, (512, 512), overlapping=False)} == \
         {(y, x) for y in (0, 512) for x in (0, 512)}
     # 64x96 crop, 32x32 windows at stride 16: rows {0,16,32}, cols {0,16,...,64}; all 32x32.
     boxes = slide_boxes(64, 96, (32, 32))
-    assert [(b.y1, b.x1) for b in boxes] == [(y, x) for y in (0, 16, 32) for x in (0, 16, 32, 48, 64)]
+    assert [(b.top, b.left) for b in boxes] == [(y, x) for y in (0, 16, 32) for x in (0, 16, 32, 48, 64)]
     assert all((b.height, b.width) == (32, 32) for b in boxes)
 
 

@@ -1,13 +1,12 @@
 """The HRDA segmentor: named outputs, crops, the teacher's sliding pseudo-labels, fused sliding
 inference, the loss, and the registered models."""
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from udaseg.adapt.multires import CropBox, context_downscale, crop
+from udaseg.adapt.geometry import CropBox
+from udaseg.adapt.multires import context_downscale
 from udaseg.adapt.pseudo_label import pseudo_labels
 from udaseg.adapt.teacher import EMATeacher
 from udaseg.methods.hrda import hrda_segmentation_loss
@@ -30,7 +29,7 @@ def _record_backbone_inputs(model):
 def test_training_forward_returns_named_outputs_of_the_two_crops(model):
     x = torch.randn(2, 3, 64, 64)
     inputs = _record_backbone_inputs(model)
-    box = CropBox(8, 40, 24, 56)
+    box = CropBox.from_corners(8, 40, 24, 56)
     out = model(x, taps=("enc_last", "enc1"), mode="train", detail_box=box)
     assert isinstance(out, HRDAOutput) and out.fused is out.logits and out.detail_box == box
     assert out.logits.shape == (2, 3, 16, 16)  # stride 4 of the 64x64 context crop
@@ -38,7 +37,7 @@ def test_training_forward_returns_named_outputs_of_the_two_crops(model):
     assert out.high_res.shape == (2, 3, 8, 8)  # the 32x32 detail crop at stride 4
     assert len(inputs) == 2
     torch.testing.assert_close(inputs[0], context_downscale(x, 0.5))  # context: the whole crop at 0.5
-    assert torch.equal(inputs[1], crop(x, box))  # detail: full resolution, the same box for the batch
+    assert torch.equal(inputs[1], box.crop(x))  # detail: full resolution, the same box for the batch
     # Taps are of the context pass: the last MiT stage at stride 32 of 32x32 -> 1x1, i.e. stride 64.
     assert out.features["enc_last"].shape[-2:] == (1, 1) and model.tap_stride("enc_last") == 64
     assert out.features["enc1"].shape[-2:] == (8, 8) and model.tap_stride("enc1") == 8
@@ -53,7 +52,7 @@ def test_detail_box_is_redrawn_every_forward_and_decided_by_the_state(model):
     torch.manual_seed(3)
     boxes = {model(x).detail_box for _ in range(8)}  # train mode, gradients on: the student
     assert None not in boxes and len(boxes) > 1
-    assert all(b.y1 % 8 == 0 and b.x1 % 8 == 0 and b.height == 32 for b in boxes)
+    assert all(b.top % 8 == 0 and b.left % 8 == 0 and b.height == 32 for b in boxes)
     with torch.no_grad():  # the EMA teacher: train mode under no_grad -> sliding inference
         assert model(x).detail_box is None
     model.eval()
@@ -137,7 +136,7 @@ def test_fixed_attention_zero_is_the_context_prediction(model):
 
 def test_gradients_follow_the_fusion(model):
     x = torch.randn(2, 3, 64, 64)
-    out = model(x, mode="train", detail_box=CropBox(0, 32, 0, 32))
+    out = model(x, mode="train", detail_box=CropBox.from_corners(0, 32, 0, 32))
     # Fused pixels far from the box (rows/cols >= 12 of 16) are pure context: no gradient to the
     # attention head; the whole fused map reaches it.
     out.logits[..., 12:, 12:].sum().backward(retain_graph=True)
@@ -153,7 +152,7 @@ def test_loss_is_0_9_fused_plus_0_1_detail_on_the_cropped_labels(model):
     labels = torch.randint(0, 3, (2, 64, 64), generator=g)
     labels[:, :4] = 255
     weight = torch.rand(2, 64, 64, generator=g)
-    box = CropBox(16, 48, 8, 40)
+    box = CropBox.from_corners(16, 48, 8, 40)
     out = model(torch.randn(2, 3, 64, 64), mode="train", detail_box=box)
     terms = hrda_segmentation_loss(out, labels, weight)
     assert set(terms) == {"fused", "detail"}
@@ -193,3 +192,15 @@ def test_projection_tap_reads_the_context_pass_at_its_full_resolution_stride():
     out = model(torch.randn(2, 3, 64, 64), taps=("proj", "enc2"), mode="train")
     assert model.tap_stride("proj") == model.tap_stride("enc2") == 16
     assert out.features["proj"].shape[-2:] == out.features["enc2"].shape[-2:] == (4, 4)
+
+
+def test_the_step_model_output_carries_the_named_outputs_and_the_detail_box(model):
+    from udaseg.adapt.step import UDAModel
+
+    out = UDAModel(model)(torch.randn(2, 3, 64, 64))  # training mode with gradients: a detail crop
+    assert set(out.outputs) == {"lr", "hr", "attention"} and out.output("hr").shape == (2, 3, 8, 8)
+    box = out.boxes["hr"]
+    assert (box.height, box.width) == (32, 32) and box.top % 8 == 0 and box.left % 8 == 0
+    with torch.no_grad():
+        slid = UDAModel(model)(torch.randn(2, 3, 64, 64))
+    assert slid.boxes == {} and slid.output("hr").shape == (2, 3, 16, 16)

@@ -29,7 +29,6 @@ from typing import Optional
 
 from torch import Tensor
 
-from udaseg.adapt.multires import crop
 from udaseg.errors import UserError
 from udaseg.methods.base import segmentation_cross_entropy
 from udaseg.models.hrda import HRDAOutput
@@ -51,8 +50,8 @@ def hrda_segmentation_loss(output: HRDAOutput, labels: Tensor, pixel_weight: Opt
              * segmentation_cross_entropy(output.logits, labels, pixel_weight)}
     if detail_weight > 0:
         box = output.detail_box
-        detail_labels = labels if box is None else crop(labels, box)
-        detail_weights = pixel_weight if (pixel_weight is None or box is None) else crop(pixel_weight, box)
+        detail_labels = labels if box is None else box.crop(labels)
+        detail_weights = pixel_weight if (pixel_weight is None or box is None) else box.crop(pixel_weight)
         terms["detail"] = detail_weight * segmentation_cross_entropy(output.high_res, detail_labels, detail_weights)
     if low_res_weight > 0:
         terms["low_res"] = low_res_weight * segmentation_cross_entropy(output.weighted_low_res(), labels,

@@ -32,7 +32,7 @@ The forward mode follows what the official code does with the module's state: ``
 Example::
 
     >>> model = build_model("hrda_daformer_tiny", 3, detail_crop_size=[32, 32])
-    >>> out = model(torch.randn(2, 3, 64, 64), mode="train", detail_box=CropBox(8, 40, 16, 48))
+    >>> out = model(torch.randn(2, 3, 64, 64), mode="train", detail_box=CropBox(top=8, left=16, height=32, width=32))
     >>> out.logits.shape, out.low_res.shape, out.high_res.shape, out.attention.shape
     (torch.Size([2, 3, 16, 16]), torch.Size([2, 3, 8, 8]), torch.Size([2, 3, 8, 8]), torch.Size([2, 3, 8, 8]))
 """
@@ -40,19 +40,20 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Literal, Optional, Sequence, Union
+from typing import Dict, Literal, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..adapt.multires import CropBox, check_detail_crop, context_downscale, crop, draw_detail_box, slide_boxes
+from ..adapt.geometry import CropBox
+from ..adapt.multires import check_detail_crop, context_downscale, draw_detail_box, slide_boxes
 from ..errors import UserError
 from .heads.base import DecodeHead
 from .heads.daformer import LinearEmbed
 from .heads.deeplabv2 import DeepLabV2Head
 from .layers import ConvBNReLU, resize
-from .segmentor import ENCODER_TAPS, PROJECTION_TAP, Segmentor, fuse_stages
+from .segmentor import PROJECTION_TAP, Segmentor, fuse_stages
 
 ForwardMode = Literal["auto", "train", "slide"]
 
@@ -115,6 +116,18 @@ class HRDAOutput:
     def fused(self) -> Optional[Tensor]:
         return self.logits
 
+    @property
+    def outputs(self) -> Dict[str, Tensor]:
+        """The further named outputs, as the training step's ``ModelOutput.outputs``: ``lr``, ``hr``,
+        ``attention`` (empty with ``decode=False``)."""
+        named = {"lr": self.low_res, "hr": self.high_res, "attention": self.attention}
+        return {k: v for k, v in named.items() if v is not None}
+
+    @property
+    def boxes(self) -> Dict[str, CropBox]:
+        """``{"hr": detail box}`` when the detail output covers part of the input only (training)."""
+        return {"hr": self.detail_box} if self.detail_box is not None else {}
+
     def weighted_low_res(self) -> Tensor:
         """``(1 − a) · ŷ_c``, the context term as the official code returns it (used by ``lr_loss_weight``)."""
         return (1 - self.attention) * self.low_res
@@ -123,7 +136,7 @@ class HRDAOutput:
 def attention_region_mask(attention: Tensor, box_on_grid: CropBox) -> Tensor:
     """``B×1×h×w`` mask that is 1 on the box (in cells of the attention grid) and 0 elsewhere."""
     mask = attention.new_zeros((attention.shape[0], 1, *attention.shape[-2:]))
-    mask[:, :, box_on_grid.y1:box_on_grid.y2, box_on_grid.x1:box_on_grid.x2] = 1
+    mask[:, :, box_on_grid.top:box_on_grid.bottom, box_on_grid.left:box_on_grid.right] = 1
     return mask
 
 
@@ -139,16 +152,14 @@ def fuse_scales(low_res: Tensor, high_res: Tensor, attention: Tensor, detail_box
         detail_box: the detail box in full-resolution pixels; ``None`` = inference (no mask).
     """
     if detail_box is not None:
-        attention = attention * attention_region_mask(attention, detail_box.divided(output_stride / context_scale))
+        attention = attention * attention_region_mask(attention, detail_box.scaled(context_scale / output_stride))
     weighted_low_res = (1 - attention) * low_res
     up_low_res = F.interpolate(weighted_low_res, scale_factor=1 / context_scale, mode="bilinear", align_corners=False)
     up_attention = F.interpolate(attention, scale_factor=1 / context_scale, mode="bilinear", align_corners=False)
     if detail_box is None:
         inserted = high_res
     else:
-        hr_box = detail_box.divided(output_stride)
-        inserted = torch.zeros_like(up_low_res)
-        inserted[:, :, hr_box.y1:hr_box.y2, hr_box.x1:hr_box.x2] = high_res
+        inserted = detail_box.scaled(1 / output_stride).paste(torch.zeros_like(up_low_res), high_res)
     if inserted.shape[-2:] != up_low_res.shape[-2:]:
         raise ValueError(f"detail logits {tuple(inserted.shape[-2:])} do not match the upsampled context grid "
                          f"{tuple(up_low_res.shape[-2:])}")
@@ -243,7 +254,7 @@ class HRDASegmentor(Segmentor):
         if mode == "train":
             box = detail_box or draw_detail_box(height, width, self.detail_crop_size, self.crop_divisible, generator)
             check_detail_crop((height, width), (box.height, box.width))
-            high_res = self.decode_head(self.backbone(crop(x, box)))
+            high_res = self.decode_head(self.backbone(box.crop(x)))
         else:
             box = None
             high_res = self._slide_high_res(padded)
@@ -265,14 +276,14 @@ class HRDASegmentor(Segmentor):
             return self.decode_head(self.backbone(x))
         batch, _, height, width = x.shape
         boxes = slide_boxes(height, width, self.detail_crop_size, self.slide_overlapping)
-        window_logits = self.decode_head(self.backbone(torch.cat([crop(x, b) for b in boxes], dim=0)))
+        window_logits = self.decode_head(self.backbone(torch.cat([b.crop(x) for b in boxes], dim=0)))
         stride = self.output_stride
         canvas = window_logits.new_zeros((batch, window_logits.shape[1], height // stride, width // stride))
         count = window_logits.new_zeros((1, 1, height // stride, width // stride))
         for i, box in enumerate(boxes):
-            cell = box.divided(stride)
-            canvas[:, :, cell.y1:cell.y2, cell.x1:cell.x2] += window_logits[i * batch:(i + 1) * batch]
-            count[:, :, cell.y1:cell.y2, cell.x1:cell.x2] += 1
+            cell = box.scaled(1 / stride)
+            canvas[..., cell.top:cell.bottom, cell.left:cell.right] += window_logits[i * batch:(i + 1) * batch]
+            count[..., cell.top:cell.bottom, cell.left:cell.right] += 1
         return canvas / count
 
     def _check_context_grid(self, height: int, width: int) -> None:
