@@ -1,6 +1,6 @@
-"""The HRDA segmentor inside today's training step: the student crops, the teacher and evaluation
-slide (mode "auto"), the feature distance reads context features. The step applies only the fused
-loss; the detail term needs the wiring of docs/methods/hrda.md."""
+"""The HRDA segmentor under a single-scale method (daformer): the student crops, the teacher and
+evaluation slide (mode "auto"), the feature distance reads context features, and only the fused
+output is trained (the hrda method adds the detail term; tests/hrda/test_method.py)."""
 
 import math
 

@@ -14,6 +14,13 @@ The context term is the attention-weighted context prediction, as the official c
 
 Shapes: ``ŷ_F`` ``B×K×(H/4)×(W/4)``, ``ŷ_d`` ``B×K×(h_d/4)×(w_d/4)``, ``y``/``W`` ``B×H×W``.
 
+Inside the training step, the ``hrda`` method is its base (``method.hrda.base``: DAFormer by
+default) on an HRDA model (``model.name: hrda_daformer_mitb5``) whose source and ClassMix losses
+address the model's named outputs, ``{"logits": 1 − λ_d, "hr": λ_d}``: the step carries the
+detail box of the ``hr`` output and cuts labels and weights to it
+(:func:`udaseg.methods.base.output_losses`). The student draws a new detail crop in every forward;
+the teacher's pseudo-labels are the fused sliding-window prediction (:mod:`udaseg.models.hrda`).
+
 Example::
 
     >>> model = build_model("hrda_daformer_tiny", 3, detail_crop_size=[32, 32])
@@ -25,13 +32,18 @@ Example::
 
 from __future__ import annotations
 
-from typing import Optional
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal, Optional
 
-from torch import Tensor
+from torch import Tensor, nn
 
+from udaseg.adapt.multires import check_detail_crop
+from udaseg.config.schema import Config
 from udaseg.errors import UserError
+from udaseg.methods import Method, build_method, register_method
 from udaseg.methods.base import segmentation_cross_entropy
-from udaseg.models.hrda import HRDAOutput
+from udaseg.models.hrda import HRDAOutput, HRDASegmentor
 
 
 def hrda_segmentation_loss(output: HRDAOutput, labels: Tensor, pixel_weight: Optional[Tensor] = None,
@@ -57,3 +69,52 @@ def hrda_segmentation_loss(output: HRDAOutput, labels: Tensor, pixel_weight: Opt
         terms["low_res"] = low_res_weight * segmentation_cross_entropy(output.weighted_low_res(), labels,
                                                                        pixel_weight)
     return terms
+
+
+@dataclass
+class HRDAConfig:
+    """``method.hrda``: the self-training base and the detail-loss weight λ_d (official: 0.1)."""
+
+    base: Literal["dacs", "daformer", "t2sda", "pgpc"] = "daformer"
+    detail_loss_weight: float = 0.1
+
+    def validate(self) -> None:
+        if not 0.0 <= self.detail_loss_weight <= 1.0:
+            raise UserError(f"config key 'method.hrda.detail_loss_weight' must lie in [0, 1], "
+                            f"got {self.detail_loss_weight}")
+
+
+def hrda_output_weights(cfg: Config, main_weight: float = 1.0) -> dict[str, float]:
+    """``{"logits": main_weight · (1 − λ_d), "hr": λ_d}``, the named-output weights of one HRDA loss."""
+    detail = cfg.method.hrda.detail_loss_weight
+    weights = {"logits": main_weight * (1.0 - detail)}
+    if detail > 0:
+        weights["hr"] = detail
+    return weights
+
+
+def check_hrda_setup(cfg: Config, segmentor: nn.Module) -> None:
+    """The model must be an HRDA model and its detail crop must fit into the data crops."""
+    if not isinstance(segmentor, HRDASegmentor):
+        raise UserError(f"method 'hrda' needs an HRDA model (model.name: hrda_daformer_mitb5, ...), "
+                        f"got model.name={cfg.model.name!r}")
+    for spec in (cfg.data.source, cfg.data.target):
+        if spec is not None and spec.crop_size:
+            check_detail_crop(spec.crop_size, segmentor.detail_crop_size)
+
+
+@register_method("hrda", config=HRDAConfig)
+def build_hrda(cfg: Config, segmentor: nn.Module) -> Method:
+    """``method.hrda.base`` on an HRDA model, with the 0.9 fused + 0.1 detail loss on the source and
+    ClassMix views."""
+    from udaseg.methods.base import SupervisedSegmentation
+    from udaseg.methods.dacs import PseudoLabelSelfTraining
+
+    check_hrda_setup(cfg, segmentor)
+    base_cfg = dataclasses.replace(cfg, method=dataclasses.replace(cfg.method, name=cfg.method.hrda.base))
+    base = build_method(base_cfg, segmentor)
+    weights = hrda_output_weights(cfg)
+    for objective in base.objectives:
+        if isinstance(objective, (SupervisedSegmentation, PseudoLabelSelfTraining)):
+            objective.outputs = dict(weights)
+    return base

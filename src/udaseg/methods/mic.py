@@ -51,7 +51,7 @@ from udaseg.adapt.step import Need, Objective, StepContext
 from udaseg.config.schema import Config, SelfTrainingConfig
 from udaseg.errors import UserError
 from udaseg.methods import Method, build_method, register_method
-from udaseg.methods.base import segmentation_cross_entropy
+from udaseg.methods.base import output_losses, segmentation_cross_entropy
 
 MASKED_VIEW = "masked"
 BLOCK_SIZE_KEY = "method.mic.block_size"
@@ -61,7 +61,7 @@ BLOCK_SIZE_KEY = "method.mic.block_size"
 class MICConfig:
     """``method.mic``: MIC added to a self-training base. Defaults are the official code's."""
 
-    base: Literal["dacs", "daformer", "sepico", "t2sda", "pgpc"] = "daformer"  # the method MIC is added to
+    base: Literal["dacs", "daformer", "sepico", "t2sda", "pgpc", "hrda"] = "daformer"  # the method MIC is added to
     block_size: int = 32  # mask block b in pixels; must divide the crop (32 on 512² crops, 64 on 1024²)
     mask_ratio: float = 0.7  # r, the masked fraction of blocks
     weight: float = 1.0  # lambda_m
@@ -99,9 +99,11 @@ class MaskedImageConsistency(Objective):
     name = "mic"
 
     def __init__(self, cfg: MICConfig, self_training_cfg: SelfTrainingConfig, mean: Sequence[float],
-                 std: Sequence[float], source_view: str = "source", target_view: str = "target"):
+                 std: Sequence[float], source_view: str = "source", target_view: str = "target",
+                 outputs: Optional[dict[str, float]] = None):
         super().__init__()
         self.cfg = cfg
+        self.outputs = dict(outputs) if outputs else None  # named outputs and weights (HRDA), λ_m included
         self.self_training_cfg = self_training_cfg
         self.mean, self.std = list(mean), list(std)
         self.source_view = source_view
@@ -162,6 +164,8 @@ class MaskedImageConsistency(Objective):
         if group != MASKED_VIEW:
             return {}
         view = ctx.view(MASKED_VIEW)
+        if self.outputs is not None:
+            return output_losses(ctx.student(MASKED_VIEW), view.label, view.weight, self.outputs, "mic_ce")
         loss = masked_consistency_loss(ctx.student(MASKED_VIEW).logits, view.label, view.weight)
         return {"mic_ce": self.cfg.weight * loss}
 
@@ -185,7 +189,13 @@ def build_mic(cfg: Config, segmentor: nn.Module) -> Method:
     base = build_method(base_cfg, segmentor)
     if not base.uses_teacher:
         raise UserError(f"method.mic.base={mic.base!r} has no EMA teacher to make MIC's pseudo-labels")
-    objective = MaskedImageConsistency(mic, cfg.method.self_training, cfg.data.mean, cfg.data.std)
+    outputs = None
+    if mic.base == "hrda":
+        from udaseg.methods.hrda import hrda_output_weights
+
+        # As the official code: lambda_m scales the fused term only, not HRDA's detail term.
+        outputs = hrda_output_weights(cfg, main_weight=mic.weight)
+    objective = MaskedImageConsistency(mic, cfg.method.self_training, cfg.data.mean, cfg.data.std, outputs=outputs)
     if objective.uses_target and not base.uses_target:
         raise UserError(f"method.mic.images={mic.images!r} needs target images, but method.mic.base={mic.base!r} "
                         "is configured without them; use method.mic.images=source")

@@ -1,0 +1,81 @@
+"""The hrda method and MIC(HRDA) in the training step: presets end to end at a tiny size, the
+named-output losses, bad input."""
+
+import math
+
+import pytest
+
+from udaseg.config import list_presets, load_config
+from udaseg.config.schema import DatasetConfig
+from udaseg.engine.checkpoint import load_checkpoint
+from udaseg.engine.logging import read_metrics
+from udaseg.engine.trainer import Trainer
+from udaseg.errors import UserError
+from udaseg.methods import build_method
+from udaseg.models import build_model
+
+
+def tiny_preset(preset, domains, work_dir, extra=()):
+    """The preset on 64 px fake data: hrda_daformer_tiny with 32 px detail crops, 8 px mask blocks."""
+    cfg = load_config(preset, [
+        "model.name=hrda_daformer_tiny", "model.num_classes=3", "model.pretrained=",
+        "model.options={detail_crop_size: [32, 32]}", "train.iterations=2", f"train.work_dir={work_dir}",
+        "train.eval_interval=1000", "train.checkpoint_interval=1000", "train.log_interval=1", "data.workers=0",
+        "optim.warmup_iters=1", "eval.protocol=all", "eval.crop_size=[64,64]", "eval.stride=[32,32]",
+        "method.self_training.ignore_top=0", "method.self_training.ignore_bottom=0", "method.mic.block_size=8",
+        *extra])
+    source, target = domains
+    for spec, root in ((cfg.data.source, source), (cfg.data.target, target)):
+        spec.name, spec.root, spec.split = "folder", str(root), "train"
+        spec.resize, spec.crop_size, spec.rcs.enabled = None, None, False
+    cfg.data.val = [DatasetConfig(name="folder", root=str(target), split="val")]
+    return cfg
+
+
+@pytest.mark.parametrize("preset", ["hrda_daformer_gta2cs", "mic_hrda_daformer_gta2cs"])
+def test_preset_trains_with_fused_and_detail_losses_and_resumes(preset, hrda_domains, tmp_path):
+    assert preset in list_presets()
+    cfg = tiny_preset(preset, hrda_domains, tmp_path / "run")
+    trainer = Trainer(cfg, progress=False)
+    summary = trainer.train()
+    assert 0.0 <= summary["miou"] <= 1.0
+    records = list(read_metrics(tmp_path / "run" / "metrics.jsonl", "train"))
+    expected = {"source.ce_logits", "source.ce_hr", "source.fd", "mixed.pseudo_ce_logits", "mixed.pseudo_ce_hr"}
+    if preset.startswith("mic"):
+        expected |= {"masked.mic_ce_logits", "masked.mic_ce_hr"}
+    for record in records:
+        assert expected <= set(record) and all(math.isfinite(record[k]) for k in expected)
+        assert "source.ce" not in record  # the fused term replaces the single-scale CE
+    state = load_checkpoint(tmp_path / "run" / "latest.pt")
+    assert state["iteration"] == 2
+    assert any(k.startswith("segmentor.attention_head.") for k in state["model"])
+    resumed = Trainer(cfg, resume="latest", progress=False)
+    for a, b in zip(resumed.model.parameters(), trainer.model.parameters()):
+        assert (a == b).all()
+
+
+def test_loss_weights_follow_the_official_split(hrda_domains, tmp_path):
+    cfg = tiny_preset("mic_hrda_daformer_gta2cs", hrda_domains, tmp_path, extra=["method.mic.weight=0.5"])
+    method = build_method(cfg, build_model(cfg.model.name, 3, **cfg.model.options))
+    by_name = {type(o).__name__: o for o in method.objectives}
+    assert by_name["SupervisedSegmentation"].outputs == {"logits": 0.9, "hr": 0.1}
+    assert by_name["PseudoLabelSelfTraining"].outputs == {"logits": 0.9, "hr": 0.1}
+    # lambda_m scales the fused term only, as the official code.
+    assert by_name["MaskedImageConsistency"].outputs == {"logits": 0.45, "hr": 0.1}
+
+
+def test_reference_numbers():
+    assert load_config("hrda_daformer_gta2cs").reference["miou"] == 73.8
+    mic = load_config("mic_hrda_daformer_gta2cs")
+    assert mic.reference["miou"] == 75.9 and mic.method.mic.block_size == 64 and mic.data.target.crop_size == [1024, 1024]
+    assert 1024 % mic.method.mic.block_size == 0
+
+
+def test_hrda_needs_an_hrda_model_and_a_detail_crop_that_fits(hrda_domains, tmp_path):
+    cfg = tiny_preset("hrda_daformer_gta2cs", hrda_domains, tmp_path)
+    with pytest.raises(UserError, match="model.name"):
+        build_method(cfg, build_model("daformer_tiny", 3))
+    cfg.data.source.crop_size = [16, 16]
+    with pytest.raises(UserError, match="model.options.detail_crop_size") as info:
+        build_method(cfg, build_model(cfg.model.name, 3, **cfg.model.options))
+    assert len(str(info.value).splitlines()) == 1
