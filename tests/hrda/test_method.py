@@ -27,12 +27,17 @@ def tiny_preset(preset, domains, work_dir, extra=()):
     source, target = domains
     for spec, root in ((cfg.data.source, source), (cfg.data.target, target)):
         spec.name, spec.root, spec.split = "folder", str(root), "train"
-        spec.resize, spec.crop_size, spec.rcs.enabled = None, None, False
+        spec.resize, spec.crop_size, spec.rcs.enabled, spec.options = None, None, False, {}
     cfg.data.val = [DatasetConfig(name="folder", root=str(target), split="val")]
     return cfg
 
 
-@pytest.mark.parametrize("preset", ["hrda_daformer_gta2cs", "mic_hrda_daformer_gta2cs"])
+HRDA_PRESETS = {"hrda_daformer_gta2cs": 73.8, "mic_hrda_daformer_gta2cs": 75.9, "hrda_daformer_synthia2cs": 65.8,
+                "mic_hrda_daformer_synthia2cs": 67.3, "hrda_daformer_cs2acdc": 68.0, "mic_hrda_daformer_cs2acdc": 70.4,
+                "hrda_daformer_cs2dz": 55.9, "mic_hrda_daformer_cs2dz": 60.2}
+
+
+@pytest.mark.parametrize("preset", sorted(HRDA_PRESETS))
 def test_preset_trains_with_fused_and_detail_losses_and_resumes(preset, hrda_domains, tmp_path):
     assert preset in list_presets()
     cfg = tiny_preset(preset, hrda_domains, tmp_path / "run")
@@ -65,7 +70,14 @@ def test_loss_weights_follow_the_official_split(hrda_domains, tmp_path):
 
 
 def test_reference_numbers():
-    assert load_config("hrda_daformer_gta2cs").reference["miou"] == 73.8
+    for preset, miou in HRDA_PRESETS.items():
+        cfg = load_config(preset)
+        assert cfg.reference["miou"] == miou and cfg.model.name == "hrda_daformer_mitb5"
+        assert cfg.data.source.crop_size == cfg.data.target.crop_size == [1024, 1024]
+        if preset.startswith("mic"):
+            adverse = "cs2acdc" in preset or "cs2dz" in preset
+            assert cfg.method.mic.images == ("source_and_target" if adverse else "target")
+            assert cfg.method.mic.color_augmentation is not adverse
     mic = load_config("mic_hrda_daformer_gta2cs")
     assert mic.reference["miou"] == 75.9 and mic.method.mic.block_size == 64 and mic.data.target.crop_size == [1024, 1024]
     assert 1024 % mic.method.mic.block_size == 0
