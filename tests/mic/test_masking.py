@@ -56,4 +56,4 @@ def test_config_values_out_of_range_name_the_key():
     with pytest.raises(UserError, match="method.mic.block_size"):
         load_config("digits_mic", ["method.mic.block_size=0"])
     with pytest.raises(UserError, match="method.mic.base"):
-        load_config("digits_mic", ["method.mic.base=hrda"])
+        load_config("digits_mic", ["method.mic.base=advseg"])
