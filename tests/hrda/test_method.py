@@ -91,3 +91,13 @@ def test_hrda_needs_an_hrda_model_and_a_detail_crop_that_fits(hrda_domains, tmp_
     with pytest.raises(UserError, match="model.options.detail_crop_size") as info:
         build_method(cfg, build_model(cfg.model.name, 3, **cfg.model.options))
     assert len(str(info.value).splitlines()) == 1
+
+
+def test_detail_crop_larger_than_the_context_crop_is_one_line_exit_2(tmp_path, capsys):
+    from udaseg.cli import main
+
+    argv = ["train", "--config", "hrda_daformer_gta2cs", "model.name=hrda_daformer_tiny", "model.pretrained=",
+            "model.options={detail_crop_size: [2048, 512]}", f"train.work_dir={tmp_path / 'run'}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "model.options.detail_crop_size" in err and "1024x1024" in err and len(err.splitlines()) == 1
