@@ -16,7 +16,11 @@ from udaseg.models import build_model
 
 
 def tiny_preset(preset, domains, work_dir, extra=()):
-    """The preset on 64 px fake data: hrda_daformer_tiny with 32 px detail crops, 8 px mask blocks."""
+    """The preset on 64 px fake data: hrda_daformer_tiny with 32 px detail crops, 8 px mask blocks
+    (and the T2S-DA projector on stage 2: the last stage of a 32 px context pass is one cell)."""
+    if "t2sda" in preset:
+        extra = ["method.t2sda.feature=enc2", "method.t2sda.proj_dim=16", "method.t2sda.base_queries=8",
+                 "method.t2sda.negatives=32", *extra]
     cfg = load_config(preset, [
         "model.name=hrda_daformer_tiny", "model.num_classes=3", "model.pretrained=",
         "model.options={detail_crop_size: [32, 32]}", "train.iterations=2", f"train.work_dir={work_dir}",
@@ -34,7 +38,8 @@ def tiny_preset(preset, domains, work_dir, extra=()):
 
 HRDA_PRESETS = {"hrda_daformer_gta2cs": 73.8, "mic_hrda_daformer_gta2cs": 75.9, "hrda_daformer_synthia2cs": 65.8,
                 "mic_hrda_daformer_synthia2cs": 67.3, "hrda_daformer_cs2acdc": 68.0, "mic_hrda_daformer_cs2acdc": 70.4,
-                "hrda_daformer_cs2dz": 55.9, "mic_hrda_daformer_cs2dz": 60.2}
+                "hrda_daformer_cs2dz": 55.9, "mic_hrda_daformer_cs2dz": 60.2, "t2sda_hrda_daformer_gta2cs": 75.1,
+                "t2sda_mic_hrda_daformer_gta2cs": 76.7}
 
 
 @pytest.mark.parametrize("preset", sorted(HRDA_PRESETS))
@@ -46,8 +51,10 @@ def test_preset_trains_with_fused_and_detail_losses_and_resumes(preset, hrda_dom
     assert 0.0 <= summary["miou"] <= 1.0
     records = list(read_metrics(tmp_path / "run" / "metrics.jsonl", "train"))
     expected = {"source.ce_logits", "source.ce_hr", "source.fd", "mixed.pseudo_ce_logits", "mixed.pseudo_ce_hr"}
-    if preset.startswith("mic"):
+    if "mic" in preset:
         expected |= {"masked.mic_ce_logits", "masked.mic_ce_hr"}
+    if "t2sda" in preset:
+        expected |= {"pseudo_target.pull"}
     for record in records:
         assert expected <= set(record) and all(math.isfinite(record[k]) for k in expected)
         assert "source.ce" not in record  # the fused term replaces the single-scale CE
@@ -74,7 +81,7 @@ def test_reference_numbers():
         cfg = load_config(preset)
         assert cfg.reference["miou"] == miou and cfg.model.name == "hrda_daformer_mitb5"
         assert cfg.data.source.crop_size == cfg.data.target.crop_size == [1024, 1024]
-        if preset.startswith("mic"):
+        if "mic" in preset:
             adverse = "cs2acdc" in preset or "cs2dz" in preset
             assert cfg.method.mic.images == ("source_and_target" if adverse else "target")
             assert cfg.method.mic.color_augmentation is not adverse
