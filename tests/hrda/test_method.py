@@ -21,6 +21,8 @@ def tiny_preset(preset, domains, work_dir, extra=()):
     if "t2sda" in preset:
         extra = ["method.t2sda.feature=enc2", "method.t2sda.proj_dim=16", "method.t2sda.base_queries=8",
                  "method.t2sda.negatives=32", *extra]
+    if "pgpc" in preset:
+        extra = ["method.pgpc.rank=2", *extra]  # the fake data have 3 classes
     cfg = load_config(preset, [
         "model.name=hrda_daformer_tiny", "model.num_classes=3", "model.pretrained=",
         "model.options={detail_crop_size: [32, 32]}", "train.iterations=2", f"train.work_dir={work_dir}",
@@ -39,7 +41,8 @@ def tiny_preset(preset, domains, work_dir, extra=()):
 HRDA_PRESETS = {"hrda_daformer_gta2cs": 73.8, "mic_hrda_daformer_gta2cs": 75.9, "hrda_daformer_synthia2cs": 65.8,
                 "mic_hrda_daformer_synthia2cs": 67.3, "hrda_daformer_cs2acdc": 68.0, "mic_hrda_daformer_cs2acdc": 70.4,
                 "hrda_daformer_cs2dz": 55.9, "mic_hrda_daformer_cs2dz": 60.2, "t2sda_hrda_daformer_gta2cs": 75.1,
-                "t2sda_mic_hrda_daformer_gta2cs": 76.7}
+                "t2sda_mic_hrda_daformer_gta2cs": 76.7, "pgpc_hrda_daformer_gta2cs": 75.0,
+                "pgpc_mic_hrda_daformer_gta2cs": 76.5}
 
 
 @pytest.mark.parametrize("preset", sorted(HRDA_PRESETS))
@@ -55,6 +58,8 @@ def test_preset_trains_with_fused_and_detail_losses_and_resumes(preset, hrda_dom
         expected |= {"masked.mic_ce_logits", "masked.mic_ce_hr"}
     if "t2sda" in preset:
         expected |= {"pseudo_target.pull"}
+    if "pgpc" in preset:
+        expected |= {"pgpc.reliable"}
     for record in records:
         assert expected <= set(record) and all(math.isfinite(record[k]) for k in expected)
         assert "source.ce" not in record  # the fused term replaces the single-scale CE
