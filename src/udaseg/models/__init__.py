@@ -7,6 +7,7 @@ from .inference import predict_logits, window_grid
 from .registry import build_model, count_parameters, list_models, register_model
 from .segmentor import Segmentor, SegmentorOutput, fuse_stages
 from .weights import LoadReport, detect_format, load_pretrained, read_state_dict
+from . import hrda  # noqa: E402,F401  (registers the hrda_* models)
 
 __all__ = [
     "build_model",
