@@ -17,7 +17,8 @@ def test_hrda_model_trains_and_evaluates_in_the_daformer_step(hrda_domains, tmp_
         "model.options={detail_crop_size: [32, 32]}", "train.iterations=2", f"train.work_dir={tmp_path / 'run'}",
         "train.eval_interval=1000", "train.log_interval=1", "data.workers=0", "optim.warmup_iters=1",
         "eval.protocol=all", "method.self_training.ignore_top=0", "method.self_training.ignore_bottom=0",
-        "eval.mode=slide", "eval.crop_size=[64,64]", "eval.stride=[32,32]"])
+        "eval.mode=slide", "eval.crop_size=[64,64]", "eval.stride=[32,32]",
+        "method.self_training.feature_distance.classes=[1, 2]"])
     for spec, root in ((cfg.data.source, source), (cfg.data.target, target)):
         spec.name, spec.root, spec.split = "folder", str(root), "train"
         spec.resize, spec.crop_size, spec.rcs.enabled = None, None, False

@@ -29,7 +29,7 @@ def tiny_preset(preset, domains, work_dir, extra=()):
         "train.eval_interval=1000", "train.checkpoint_interval=1000", "train.log_interval=1", "data.workers=0",
         "optim.warmup_iters=1", "eval.protocol=all", "eval.crop_size=[64,64]", "eval.stride=[32,32]",
         "method.self_training.ignore_top=0", "method.self_training.ignore_bottom=0", "method.mic.block_size=8",
-        *extra])
+        "method.self_training.feature_distance.classes=[1, 2]", *extra])
     source, target = domains
     for spec, root in ((cfg.data.source, source), (cfg.data.target, target)):
         spec.name, spec.root, spec.split = "folder", str(root), "train"

@@ -52,6 +52,7 @@ def tiny_preset(preset, domains, work_dir, iterations=2, extra=()):
         "train.checkpoint_interval=1000", "train.log_interval=1", "data.batch_size=2", "data.workers=0",
         "optim.warmup_iters=1", "eval.protocol=all", "method.self_training.ignore_top=0",
         "method.self_training.ignore_bottom=0", "method.mic.block_size=8",
+        "method.self_training.feature_distance.classes=[1, 2]",
     ]
     if load_config(preset).method.mic.base == "t2sda":
         # On 32 px crops MiT's stride-32 stage is one cell; the projector reads stride 8 instead.

@@ -64,12 +64,12 @@ class RCSConfig:
     enabled: bool = False
     temperature: float = 0.01
     min_pixels: int = 3000
-    min_crop_ratio: float = 0.5
+    min_crop_ratio: float = 0.5  # a multiple of min_pixels (HRDA's 1024 crops use 2.0)
 
     def validate(self, path: str = "rcs") -> None:
         require_range(path, "temperature", self.temperature, 0.0, low_open=True)
         require_range(path, "min_pixels", self.min_pixels, 0)
-        require_range(path, "min_crop_ratio", self.min_crop_ratio, 0.0, 1.0)
+        require_range(path, "min_crop_ratio", self.min_crop_ratio, 0.0)
 
 
 @dataclass

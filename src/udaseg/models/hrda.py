@@ -50,15 +50,14 @@ from ..adapt.geometry import CropBox
 from ..adapt.multires import check_detail_crop, context_downscale, draw_detail_box, slide_boxes
 from ..errors import UserError
 from .heads.base import DecodeHead
-from .heads.daformer import LinearEmbed
+from .heads.daformer import DAFormerHead
 from .heads.deeplabv2 import DeepLabV2Head
-from .layers import ConvBNReLU, resize
 from .segmentor import PROJECTION_TAP, Segmentor, fuse_stages
 
 ForwardMode = Literal["auto", "train", "slide"]
 
 
-class ScaleAttentionHead(DecodeHead):
+class ScaleAttentionHead(DAFormerHead):
     """HRDA's scale attention for MiT encoders: a DAFormer head whose context fusion is one 1×1 conv.
 
     Per stage a linear embedding ``C_i → E`` (E = 256), bilinear resize to stage 1's size,
@@ -70,24 +69,8 @@ class ScaleAttentionHead(DecodeHead):
 
     def __init__(self, in_channels: Sequence[int], out_channels: int, in_strides: Sequence[int],
                  embed_dim: int = 256, dropout: float = 0.1) -> None:
-        super().__init__()
-        self.num_classes = out_channels
-        self.feature_channels = embed_dim
-        self.feature_stride = int(in_strides[0])
-        self.embed_layers = nn.ModuleDict({str(i): LinearEmbed(c, embed_dim) for i, c in enumerate(in_channels)})
-        self.fuse_layer = ConvBNReLU(embed_dim * len(in_channels), embed_dim, 1)
-        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
-        self.conv_seg = nn.Conv2d(embed_dim, out_channels, 1)
-        nn.init.normal_(self.conv_seg.weight, 0.0, 0.01)
-        nn.init.zeros_(self.conv_seg.bias)
-
-    def forward_features(self, stages: Sequence[Tensor]) -> Tensor:
-        size = stages[0].shape[-2:]
-        embedded = [resize(self.embed_layers[str(i)](x), size) for i, x in enumerate(stages)]
-        return self.fuse_layer(torch.cat(embedded, dim=1))
-
-    def classify(self, feature: Tensor) -> Tensor:
-        return self.conv_seg(self.dropout(feature))
+        super().__init__(in_channels, out_channels, in_strides, embed_dim=embed_dim, channels=embed_dim,
+                         dropout=dropout, fusion="conv")
 
 
 @dataclass

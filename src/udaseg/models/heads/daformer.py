@@ -56,13 +56,17 @@ class DAFormerHead(DecodeHead):
 
     def __init__(self, in_channels: Sequence[int], num_classes: int, in_strides: Sequence[int],
                  embed_dim: int = 256, channels: int = 256, dilations: Sequence[int] = (1, 6, 12, 18),
-                 dropout: float = 0.1) -> None:
+                 dropout: float = 0.1, fusion: str = "aspp") -> None:
         super().__init__()
         self.num_classes = num_classes
         self.feature_channels = channels
         self.feature_stride = int(in_strides[0])
         self.embed_layers = nn.ModuleDict({str(i): LinearEmbed(c, embed_dim) for i, c in enumerate(in_channels)})
-        self.fuse_layer = SeparableASPP(embed_dim * len(in_channels), channels, dilations)
+        if fusion not in ("aspp", "conv"):
+            raise ValueError(f"fusion must be 'aspp' or 'conv', got {fusion!r}")
+        fused = embed_dim * len(in_channels)
+        # "conv": one 1x1 conv + BN + ReLU, the context fusion of HRDA's scale-attention head
+        self.fuse_layer = SeparableASPP(fused, channels, dilations) if fusion == "aspp" else ConvBNReLU(fused, channels, 1)
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
         self.conv_seg = nn.Conv2d(channels, num_classes, 1)
         nn.init.normal_(self.conv_seg.weight, 0.0, 0.01)
