@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import argparse
 import html
-import os
 import json
+import os
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -83,12 +83,12 @@ def run_demo(args: argparse.Namespace) -> int:
     jobs = max(1, min(getattr(args, "jobs", None) or os.cpu_count() or 1, len(presets)))
     print(f"training {' and '.join(f'{n} ({p})' for n, p in presets.items())}: {iterations} iterations each, "
           f"target {args.domain}, {jobs} at a time", flush=True)
-    run_names = {preset: name for name, preset in presets.items()}
     from udaseg.bench import run_parallel
 
-    for _, preset, result in run_parallel([(args.domain, p, configs[run_names[p]]) for p in presets.values()], jobs):
-        results[run_names[preset]] = result
-        print(f"finished {run_names[preset]}: target mIoU {100 * result['evaluation']['miou']:.1f}", flush=True)
+    # run_parallel passes the first item of each job through: here the run's name
+    for run_name, _, result in run_parallel([(name, p, configs[name]) for name, p in presets.items()], jobs):
+        results[run_name] = result
+        print(f"finished {run_name}: target mIoU {100 * result['evaluation']['miou']:.1f}", flush=True)
 
     names, iou_src, iou_ada = _per_class(results)
     table = _gain_table(names, iou_src, iou_ada)
