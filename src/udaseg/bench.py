@@ -183,10 +183,15 @@ def plot_curves(path: Path, domain: str, methods: list[str], work_dirs: dict) ->
     for ax in list(axes.flat)[len(shown):]:
         ax.axis("off")
     axes[0, 0].set_ylabel("%", fontsize=8)
-    axes[0, 0].legend(fontsize=7, loc="lower right")
+    legend = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    fig.legend(list(legend.values()), list(legend.keys()), fontsize=7, loc="lower center", ncol=len(legend),
+               bbox_to_anchor=(0.5, 0.0))
     fig.suptitle(f"{domain}: target mIoU of student and teacher; pseudo-label pixel accuracy and mIoU "
                  "(per logged batch)", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
     plt.close(fig)
