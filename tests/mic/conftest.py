@@ -1,46 +1,15 @@
 """Tiny fake source/target folders (32 px, one class per quadrant) and presets shrunk to them."""
 
-from pathlib import Path
-
-import numpy as np
 import pytest
-import torch
-import yaml
-from PIL import Image
 
 from udaseg.config import load_config
 from udaseg.config.schema import DatasetConfig
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def make_domain(root: Path, shift: int, seed: int, size: int = 32, count: int = 4) -> Path:
-    rng = np.random.default_rng(seed)
-    for split in ("train", "val"):
-        (root / "images" / split).mkdir(parents=True, exist_ok=True)
-        (root / "labels" / split).mkdir(parents=True, exist_ok=True)
-        for i in range(count):
-            classes = np.concatenate([[0, 1 + i % 2], rng.integers(0, 3, 2)])
-            rng.shuffle(classes)
-            label = np.kron(classes.reshape(2, 2), np.ones((size // 2, size // 2))).astype(np.uint8)
-            label[0, 0] = 255
-            image = rng.integers(0, 40, (size, size, 3)) + label[..., None].clip(0, 2) * 70 + shift
-            Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(root / "images" / split / f"{i:03d}.png")
-            Image.fromarray(label).save(root / "labels" / split / f"{i:03d}.png")
-    (root / "classes.yaml").write_text(yaml.safe_dump({"classes": ["background", "box", "bar"], "ignore_index": 255}))
-    return root
-
-
 @pytest.fixture(scope="session")
-def mic_domains(tmp_path_factory):
+def mic_domains(tmp_path_factory, fake_domain):
     base = tmp_path_factory.mktemp("mic_domains")
-    return make_domain(base / "source", 0, 1), make_domain(base / "target", 90, 2)
+    return fake_domain(base / "source", 0, 1), fake_domain(base / "target", 90, 2)
 
 
 def tiny_preset(preset, domains, work_dir, iterations=2, extra=()):

@@ -1,12 +1,6 @@
 """Tiny fake domains and configs that run the PGPC presets on them."""
 
-from pathlib import Path
-
-import numpy as np
 import pytest
-import torch
-import yaml
-from PIL import Image
 
 from udaseg.config import load_config
 from udaseg.config.schema import DatasetConfig
@@ -14,36 +8,15 @@ from udaseg.config.schema import DatasetConfig
 SIZE = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors run fastest on one intra-op thread, above all on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def make_domain(root: Path, shift: int, seed: int, count: int = 4) -> Path:
-    """32 px images of 8 x 8 blocks of classes 0..2 (every feature cell passes the 75% rule)."""
-    rng = np.random.default_rng(seed)
-    for split in ("train", "val"):
-        (root / "images" / split).mkdir(parents=True, exist_ok=True)
-        (root / "labels" / split).mkdir(parents=True, exist_ok=True)
-        for i in range(count):
-            cells = rng.integers(0, 3, (SIZE // 8, SIZE // 8))
-            cells.flat[:3] = [0, 1, 2]
-            label = np.kron(cells, np.ones((8, 8))).astype(np.uint8)
-            image = rng.integers(0, 40, (SIZE, SIZE, 3)) + label[..., None] * 70 + shift
-            Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(root / "images" / split / f"{i:03d}.png")
-            Image.fromarray(label).save(root / "labels" / split / f"{i:03d}.png")
-    (root / "classes.yaml").write_text(yaml.safe_dump({"classes": ["a", "b", "c"], "ignore_index": 255}))
-    return root
-
-
 @pytest.fixture(scope="module")
-def domains(tmp_path_factory):
+def domains(tmp_path_factory, fake_domain):
+    """32 px images of 8 x 8 blocks of classes 0..2 (every feature cell passes the 75% rule)."""
     base = tmp_path_factory.mktemp("pgpc_domains")
-    return {"source": make_domain(base / "source", 0, 1), "target": make_domain(base / "target", 90, 2)}
+
+    def make(name: str, shift: int, seed: int):
+        return fake_domain(base / name, shift, seed, size=SIZE, layout="blocks", class_names=("a", "b", "c"))
+
+    return {"source": make("source", 0, 1), "target": make("target", 90, 2)}
 
 
 def tiny_config(preset, domains, work_dir, iterations=2, extra=()):

@@ -1,13 +1,10 @@
 """T2S-DA inside the shared training step: presets end to end, views, gradients, DG."""
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import yaml
-from PIL import Image
 
 from udaseg.adapt.step import TrainStep
 from udaseg.config import list_presets, load_config
@@ -27,39 +24,12 @@ T2SDA_PRESETS = ["t2sda_daformer_gta2cs", "t2sda_deeplabv2_gta2cs", "t2sda_dafor
                  "t2sda_deeplabv2_synthia2cs", "t2sda_dg_daformer_mitb5_gta", "digits_t2sda"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors run fastest on one intra-op thread, above all on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def make_domain(root: Path, shift: int, seed: int, size: int = 32, count: int = 4) -> Path:
-    """``size`` px images whose quadrants each hold one class (at least two classes per image)."""
-    rng = np.random.default_rng(seed)
-    for split in ("train", "val"):
-        (root / "images" / split).mkdir(parents=True, exist_ok=True)
-        (root / "labels" / split).mkdir(parents=True, exist_ok=True)
-        for i in range(count):
-            classes = np.concatenate([[0, 1 + i % 2], rng.integers(0, 3, 2)])
-            rng.shuffle(classes)
-            label = np.kron(classes.reshape(2, 2), np.ones((size // 2, size // 2))).astype(np.uint8)
-            label[0, 0] = 255
-            image = rng.integers(0, 40, (size, size, 3)) + label[..., None].clip(0, 2) * 70 + shift
-            Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(root / "images" / split / f"{i:03d}.png")
-            Image.fromarray(label).save(root / "labels" / split / f"{i:03d}.png")
-    (root / "classes.yaml").write_text(yaml.safe_dump({"classes": ["background", "box", "bar"], "ignore_index": 255}))
-    return root
-
-
 @pytest.fixture(scope="module")
-def domains(tmp_path_factory):
+def domains(tmp_path_factory, fake_domain):
     base = tmp_path_factory.mktemp("t2sda_domains")
-    return {"source": make_domain(base / "source", 0, 1), "target": make_domain(base / "target", 90, 2),
-            "other": make_domain(base / "other", 150, 3), "source64": make_domain(base / "source64", 0, 1, 64),
-            "target64": make_domain(base / "target64", 90, 2, 64)}
+    return {"source": fake_domain(base / "source", 0, 1), "target": fake_domain(base / "target", 90, 2),
+            "other": fake_domain(base / "other", 150, 3), "source64": fake_domain(base / "source64", 0, 1, 64),
+            "target64": fake_domain(base / "target64", 90, 2, 64)}
 
 
 def tiny_config(preset, domains, work_dir, iterations=2, extra=(), size=32):
