@@ -102,6 +102,7 @@ CASES = [
     ("crop_size_zero", train("data.source.crop_size=[0,8]"), ["data.source.crop_size"]),
     ("cat_max_ratio_zero", train("data.source.cat_max_ratio=0"), ["data.source.cat_max_ratio"]),
     ("rcs_temperature_zero", train("data.source.rcs.temperature=0"), ["data.source.rcs.temperature"]),
+    ("normalization_mixed", train("data.source.normalization=per_image"), ["data.target.normalization", "per_image"]),
     ("unknown_key", train("optim.lrr=1"), ["optim.lrr", "did you mean 'optim.lr'"]),
     ("unknown_method", train("method.name=dacss"), ["method.name", "dacss"]),
     ("int_expected", train("train.iterations=abc"), ["train.iterations", "abc"]),

@@ -188,14 +188,11 @@ def _plot_predictions(plt, path: Path, configs: dict[str, Config]) -> None:
     cfg = configs["adapted"]
     dataset = build_dataset(cfg.data.val[0], cfg.data.mean, cfg.data.std)
     palette = dataset.classes.palette
-    mean = torch.tensor(cfg.data.mean).view(3, 1, 1)
-    std = torch.tensor(cfg.data.std).view(3, 1, 1)
     count = min(SAMPLES, len(dataset))
     fig, axes = plt.subplots(count, 4, figsize=(6.4, 1.6 * count), squeeze=False)
     for row, index in enumerate(np.linspace(0, len(dataset) - 1, count).astype(int)):
         item = dataset[int(index)]
-        image = (item["image"] * std + mean).clamp(0, 255).byte().permute(1, 2, 0).numpy()
-        panels = [image, colorize(item["label"].numpy(), palette)]
+        panels = [dataset.images[int(index)], colorize(item["label"].numpy(), palette)]
         with torch.no_grad():
             for run_name in ("source_only", "adapted"):
                 logits = predict_logits(models[run_name], item["image"].unsqueeze(0))

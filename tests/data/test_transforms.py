@@ -146,6 +146,30 @@ def test_normalise_and_types():
     assert torch.allclose(out["image"][:, 0, 0], (200 - torch.tensor(MEAN)) / torch.tensor(STD))
 
 
+def test_per_image_normalisation_uses_the_whole_image_statistics():
+    rng = np.random.default_rng(3)
+    image = (rng.random((12, 16, 3)) * np.array([40.0, 120.0, 250.0])).astype(np.uint8)
+    image[..., 2] = 7  # a flat channel
+    pixels = image.reshape(-1, 3).astype(np.float64)
+    mean, std = pixels.mean(0), np.maximum(pixels.std(0), 1.0)
+
+    full = Pipeline(MEAN, STD, normalization="per_image")(image)["image"]
+    expected = (image.astype(np.float64) - mean) / std
+    np.testing.assert_allclose(full.numpy(), expected.transpose(2, 0, 1), atol=1e-5)
+    assert torch.allclose(full[:2].flatten(1).mean(1), torch.zeros(2), atol=1e-5)
+    assert torch.allclose(full[:2].flatten(1).std(1, correction=0), torch.ones(2), atol=1e-5)
+    assert (full[2] == 0).all()
+
+    # a crop keeps the full image's statistics, so it equals the same window of the full result
+    torch.manual_seed(0)
+    out = Pipeline(MEAN, STD, crop_size=(5, 6), normalization="per_image")(
+        image, extra_maps={"pos": np.arange(12 * 16).reshape(12, 16)})
+    rows, cols = np.unravel_index(out["pos"].numpy(), (12, 16))
+    np.testing.assert_allclose(out["image"].numpy(), full.numpy()[:, rows, cols], atol=1e-6)
+    with pytest.raises(ValueError, match="normalization"):
+        Pipeline(MEAN, STD, normalization="per_batch")
+
+
 def test_pad_when_crop_is_larger_than_image():
     image = np.full((4, 5, 3), 10, dtype=np.uint8)
     label = np.ones((4, 5), dtype=np.uint8)
@@ -166,6 +190,8 @@ def test_from_config():
     cfg = DatasetConfig(resize=[64, 32], crop_size=[16, 24], cat_max_ratio=0.5, flip=True)
     pipe = Pipeline.from_config(cfg, MEAN, STD)
     assert pipe.resize == (64, 32) and pipe.crop_size == (16, 24) and pipe.cat_max_ratio == 0.5 and pipe.flip
+    assert pipe.normalization == "fixed"
+    assert Pipeline.from_config(DatasetConfig(normalization="per_image"), MEAN, STD).normalization == "per_image"
     assert CropBox(1, 2, 3, 4).slices() == (slice(1, 4), slice(2, 6))
 
 

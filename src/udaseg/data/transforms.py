@@ -12,6 +12,9 @@ It follows the mmseg training pipeline the papers' code uses:
   and the largest class (ignoring 255) covers less than ``cat_max_ratio`` of the labelled pixels.
 * ``RandomFlip(0.5)`` horizontally; ``Normalize(mean, std)`` in 0-255 units; ``Pad`` to the crop
   size at the bottom / right with 0 (image) and 255 (label) when the image is smaller.
+* ``normalization="per_image"`` (not in the papers' pipelines) replaces the fixed ``mean``/``std``
+  by each image's own per-channel mean and standard deviation, taken over the whole resized image
+  before cropping, so a crop and the full image at test time are normalised alike.
 
 Extra inputs follow the image: ``extra_images`` (e.g. Dark Zurich's paired day image) are resized
 to the image's size, cropped, flipped and normalised the same way; ``extra_maps`` (per-pixel
@@ -135,6 +138,22 @@ def normalize(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]) 
     return (image - mean_t) / std_t
 
 
+# A flat channel (std 0) is divided by one grey level instead.
+_MIN_IMAGE_STD = 1.0
+
+
+def image_statistics(image: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation of a ``3×H×W`` image in 0-255 units.
+
+    ``normalize(image, *image_statistics(image))`` standardises each channel to mean 0 and
+    standard deviation 1 (a flat channel to 0).
+    """
+    flat = image.float().flatten(1)
+    mean = flat.mean(dim=1)
+    std = flat.std(dim=1, correction=0).clamp_min(_MIN_IMAGE_STD)
+    return mean.tolist(), std.tolist()
+
+
 def _pad(tensor: torch.Tensor, height: int, width: int, value: float) -> torch.Tensor:
     pad_h = max(height - tensor.shape[-2], 0)
     pad_w = max(width - tensor.shape[-1], 0)
@@ -158,6 +177,9 @@ def _map_to_tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(array, dtype=np.float32))
 
 
+NORMALIZATIONS = ("fixed", "per_image")
+
+
 class Pipeline:
     """Resize, random crop, flip, normalise and pad an image with its label and extra maps.
 
@@ -175,7 +197,11 @@ class Pipeline:
         cat_max_ratio: float = 1.0,
         flip: bool = False,
         ignore_index: int = IGNORE_INDEX,
+        normalization: str = "fixed",
     ) -> None:
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+        self.normalization = normalization
         self.mean = [float(m) for m in mean]
         self.std = [float(s) for s in std]
         self.resize = tuple(int(v) for v in resize) if resize is not None else None
@@ -188,7 +214,13 @@ class Pipeline:
     @classmethod
     def from_config(cls, cfg: "DatasetConfig", mean: Sequence[float], std: Sequence[float]) -> "Pipeline":
         return cls(mean, std, resize=cfg.resize, keep_ratio=cfg.keep_ratio, crop_size=cfg.crop_size,
-                   cat_max_ratio=cfg.cat_max_ratio, flip=cfg.flip)
+                   cat_max_ratio=cfg.cat_max_ratio, flip=cfg.flip, normalization=cfg.normalization)
+
+    def statistics(self, image: torch.Tensor) -> tuple[list[float], list[float]]:
+        """The ``(mean, std)`` that normalise ``image``: the fixed ones, or the image's own."""
+        if self.normalization == "per_image":
+            return image_statistics(image)
+        return self.mean, self.std
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         """``(height, width)`` after the resize step."""
@@ -209,6 +241,7 @@ class Pipeline:
         images = {"image": img}
         for key, extra in (extra_images or {}).items():
             images[key] = resize_image(image_to_tensor(extra), height, width)
+        statistics = {key: self.statistics(tensor) for key, tensor in images.items()}
         maps: dict[str, np.ndarray] = {}
         if label is not None:
             maps["label"] = resize_nearest(label, height, width)
@@ -225,7 +258,7 @@ class Pipeline:
         flipped = self.flip and bool(torch.rand(()) < 0.5)
         out: dict[str, torch.Tensor] = {}
         for key, tensor in images.items():
-            tensor = normalize(tensor.float(), self.mean, self.std)
+            tensor = normalize(tensor.float(), *statistics[key])
             if flipped:
                 tensor = tensor.flip(-1)
             out[key] = tensor.contiguous()

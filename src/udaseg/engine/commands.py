@@ -15,6 +15,7 @@ from tqdm import tqdm
 from udaseg.config import config_to_yaml, list_presets, load_config
 from udaseg.config.loader import from_dict
 from udaseg.config.schema import Config
+from udaseg.data.transforms import image_statistics, normalize
 from udaseg.engine import distributed as dist
 from udaseg.engine.checkpoint import load_checkpoint
 from udaseg.errors import UserError
@@ -257,10 +258,12 @@ def _prepare_image(path: Path, cfg: Config) -> tuple[torch.Tensor, np.ndarray]:
     spec = cfg.data.val[0] if cfg.data.val else None
     if spec is not None and spec.resize:
         resized = _resize_like_pipeline(rgb, spec.resize, spec.keep_ratio)
-    mean = np.asarray(cfg.data.mean, dtype=np.float32)
-    std = np.asarray(cfg.data.std, dtype=np.float32)
-    tensor = torch.from_numpy(((resized.astype(np.float32) - mean) / std).transpose(2, 0, 1).copy())
-    return tensor, rgb
+    pixels = torch.from_numpy(resized.astype(np.float32).transpose(2, 0, 1).copy())
+    if spec is not None and spec.normalization == "per_image":
+        mean, std = image_statistics(pixels)
+    else:
+        mean, std = cfg.data.mean, cfg.data.std
+    return normalize(pixels, mean, std), rgb
 
 
 def _resize_like_pipeline(rgb: np.ndarray, scale: list[int], keep_ratio: bool) -> np.ndarray:
