@@ -113,3 +113,16 @@ def test_detail_crop_larger_than_the_context_crop_is_one_line_exit_2(tmp_path, c
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "model.options.detail_crop_size" in err and "1024x1024" in err and len(err.splitlines()) == 1
+
+
+def test_mic_hrda_with_its_own_teacher_trains_on_fused_sliding_labels(hrda_domains, tmp_path):
+    from udaseg.methods.mic import MaskedImageConsistency
+
+    cfg = tiny_preset("mic_hrda_daformer_gta2cs", hrda_domains, tmp_path / "run",
+                      extra=["method.mic.mask_alpha=0.9", "method.mic.mask_pseudo_threshold=0.5"])
+    trainer = Trainer(cfg, progress=False)
+    trainer.train()
+    mic = next(o for o in trainer.method.objectives if isinstance(o, MaskedImageConsistency))
+    assert mic.teacher is not None and mic.teacher.module.attention_head is not None
+    records = list(read_metrics(tmp_path / "run" / "metrics.jsonl", "train"))
+    assert all(math.isfinite(r["masked.mic_ce_logits"]) and 0 <= r["mic_pseudo_ratio"] <= 1 for r in records)
