@@ -126,3 +126,25 @@ def test_mic_hrda_with_its_own_teacher_trains_on_fused_sliding_labels(hrda_domai
     assert mic.teacher is not None and mic.teacher.module.attention_head is not None
     records = list(read_metrics(tmp_path / "run" / "metrics.jsonl", "train"))
     assert all(math.isfinite(r["masked.mic_ce_logits"]) and 0 <= r["mic_pseudo_ratio"] <= 1 for r in records)
+
+
+def test_sepico_distcl_on_mic_hrda_trains_its_contrast_on_the_context_features(hrda_domains, tmp_path):
+    preset = "sepico_distcl_mic_hrda_daformer_gta2cs"
+    assert preset in list_presets()
+    recipe = load_config(preset)
+    assert (recipe.method.name, recipe.method.mic.base, recipe.method.hrda.base) == ("mic", "hrda", "sepico")
+    assert recipe.method.sepico.variant == "dist" and recipe.method.sepico.target_crop_size == [1024, 1024]
+    assert recipe.data.target.crop_size is None and not recipe.method.self_training.feature_distance.enabled
+    assert recipe.reference["miou"] is None  # the SePiCo paper has no HRDA rows; MIC(HRDA)'s 75.9 is not inherited
+    cfg = tiny_preset(preset, hrda_domains, tmp_path / "run", extra=[
+        "method.sepico.warmup_iters=0", "method.sepico.proj_dim=16", "method.sepico.target_crop_size=[64, 64]"])
+    trainer = Trainer(cfg, progress=False)
+    trainer.train()
+    (tap,) = trainer.model.head_taps.values()
+    assert trainer.model.segmentor.tap_stride(tap) == 8  # stride 4 of the 0.5-scale context pass
+    records = list(read_metrics(tmp_path / "run" / "metrics.jsonl", "train"))
+    expected = {"source_strong.ce_logits", "source_strong.ce_hr", "source_strong.sepico_cl",
+                "target_strong.sepico_cl", "mixed.pseudo_ce_logits", "mixed.pseudo_ce_hr",
+                "masked.mic_ce_logits", "masked.mic_ce_hr"}
+    for record in records:
+        assert expected <= set(record) and all(math.isfinite(record[k]) for k in expected)

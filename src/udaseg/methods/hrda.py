@@ -115,7 +115,7 @@ def _hrda_segmentor(model: nn.Module) -> HRDASegmentor:
 class HRDAConfig:
     """``method.hrda``: the self-training base and the detail-loss weight λ_d (official: 0.1)."""
 
-    base: Literal["dacs", "daformer", "t2sda", "pgpc"] = "daformer"
+    base: Literal["dacs", "daformer", "sepico", "t2sda", "pgpc"] = "daformer"
     detail_loss_weight: float = 0.1
 
     def validate(self) -> None:
