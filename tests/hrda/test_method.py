@@ -34,6 +34,8 @@ def tiny_preset(preset, domains, work_dir, extra=()):
     for spec, root in ((cfg.data.source, source), (cfg.data.target, target)):
         spec.name, spec.root, spec.split = "folder", str(root), "train"
         spec.resize, spec.crop_size, spec.rcs.enabled, spec.options = None, None, False, {}
+        if spec.pseudo_margins:
+            spec.pseudo_margins = [2, 6, 2, 2]  # the official [30, 240, 30, 30] would cover a 64 px image
     cfg.data.val = [DatasetConfig(name="folder", root=str(target), split="val")]
     return cfg
 

@@ -200,10 +200,13 @@ class MaskedImageConsistency(Objective):
             if source.label is None:
                 raise RuntimeError(f"view '{self.source_view}' has no labels")
             return source.image, source.label, None
+        from udaseg.methods.dacs import apply_pseudo_margins
+
         labels, weight = self._target_pseudo_labels(ctx)
         if not self.cfg.quality_weight:
-            weight = pseudo_weight_map(1.0, labels.shape, self.self_training_cfg.ignore_top,
-                                       self.self_training_cfg.ignore_bottom, device=labels.device)
+            weight = apply_pseudo_margins(ctx, self.target_view, pseudo_weight_map(
+                1.0, labels.shape, self.self_training_cfg.ignore_top, self.self_training_cfg.ignore_bottom,
+                device=labels.device))
         target = ctx.view(self.target_view)
         if self.cfg.images == "target":
             return target.image, labels, weight
@@ -219,15 +222,18 @@ class MaskedImageConsistency(Objective):
 
     def _target_pseudo_labels(self, ctx: StepContext) -> tuple[Tensor, Tensor]:
         """``(ŷ^T, q^T)`` of the target view: MIC's own teacher's, else the base teacher's (shared)."""
+        from udaseg.methods.dacs import apply_pseudo_margins
+
         if self.teacher is not None:
             image = ctx.view(self.target_view).image
             labels, weight = self.teacher.pseudo_labels(image, ctx.iteration, self.self_training_cfg, ctx.autocast)
+            weight = apply_pseudo_margins(ctx, self.target_view, weight)
             ctx.metrics["mic_pseudo_ratio"] = float(weight.max())
             return labels, weight
         from udaseg.methods.dacs import teacher_pseudo_labels
 
         pseudo = teacher_pseudo_labels(ctx, self.self_training_cfg, self.target_view)
-        return pseudo["labels"], pseudo["weight"]
+        return pseudo["labels"], pseudo["weight"]  # the margins are already in
 
     def losses(self, ctx: StepContext, group: str) -> dict[str, Tensor]:
         if group != MASKED_VIEW:
