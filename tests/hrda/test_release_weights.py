@@ -78,3 +78,21 @@ def test_init_from_a_release_file_and_a_wrong_one(tmp_path):
     with pytest.raises(UserError, match="model.init_from=.*does not fit model 'hrda_daformer_tiny'") as info:
         load_initial_weights(wrong, path, "hrda_daformer_tiny", 5)
     assert len(str(info.value).splitlines()) == 1
+
+
+def test_eval_loads_the_release_teacher_into_the_hrda_model_of_the_config(tmp_path, capsys):
+    import yaml
+
+    from udaseg.config import load_config, to_dict
+    from udaseg.engine.commands import load_segmentor_for_inference
+
+    path = tmp_path / "hrda_release.pth"
+    student = _release(path, build_model("hrda_daformer_tiny", 19))
+    cfg = load_config("hrda_daformer_gta2cs", ["model.name=hrda_daformer_tiny", "model.pretrained=",
+                                               "model.options={detail_crop_size: [32, 32]}"])
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(to_dict(cfg)))
+    _, segmentor = load_segmentor_for_inference(path, str(config), [], use_teacher=True)
+    assert "0 missing" in capsys.readouterr().out
+    torch.testing.assert_close(segmentor.attention_head.fuse_layer.conv.weight,
+                               student["decode_head.scale_attention.fuse_layer.conv.weight"] + 1)
