@@ -80,12 +80,12 @@ def test_resumed_hrda_run_repeats_the_straight_trajectory(hrda_domains, tmp_path
     from udaseg.engine.trainer import Trainer
 
     straight = Trainer(tiny_preset("hrda_daformer_gta2cs", hrda_domains, tmp_path / "straight",
-                                   extra=["train.iterations=4"]), progress=False)
+                                   extra=["train.iterations=2"]), progress=False)
     straight.train()
     half_cfg = tiny_preset("hrda_daformer_gta2cs", hrda_domains, tmp_path / "halves",
-                           extra=["train.iterations=4", "train.checkpoint_interval=2"])
+                           extra=["train.iterations=2", "train.checkpoint_interval=1"])
     first = Trainer(copy.deepcopy(half_cfg), progress=False)
-    first.cfg.train.iterations = 2  # stop half-way; the schedule still spans 4 iterations
+    first.cfg.train.iterations = 1  # stop half-way; the schedule still spans 2 iterations
     first.train()
     second = Trainer(half_cfg, resume="latest", progress=False)
     second.train()
