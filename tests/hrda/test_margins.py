@@ -71,7 +71,8 @@ def test_official_defaults_in_the_presets():
         cfg = load_config(preset)
         assert cfg.data.target.pseudo_margins == [30, 240, 30, 30], preset
         assert (cfg.method.self_training.ignore_top, cfg.method.self_training.ignore_bottom) == (0, 0), preset
-    for preset in ("hrda_daformer_cs2acdc", "hrda_daformer_cs2dz", "mic_hrda_daformer_cs2acdc", "mic_hrda_daformer_cs2dz"):
+    for preset in ("hrda_daformer_cs2acdc", "hrda_daformer_cs2dz", "mic_hrda_daformer_cs2acdc",
+                   "mic_hrda_daformer_cs2dz"):
         assert load_config(preset).data.target.pseudo_margins is None, preset
     assert load_config("daformer_mitb5_gta2cs").data.target.pseudo_margins is None  # DAFormer: the 15/120 rows
 

@@ -109,9 +109,11 @@ def test_own_teacher_trains_is_saved_and_resumes(mic_domains, tmp_path):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("override, key", [("method.mic.mask_alpha=1.0", "method.mic.mask_alpha"),
-                                           ("method.mic.mask_alpha=fast", "method.mic.mask_alpha"),
-                                           ("method.mic.mask_pseudo_threshold=1.5", "method.mic.mask_pseudo_threshold")])
+@pytest.mark.parametrize("override, key", [
+    ("method.mic.mask_alpha=1.0", "method.mic.mask_alpha"),
+    ("method.mic.mask_alpha=fast", "method.mic.mask_alpha"),
+    ("method.mic.mask_pseudo_threshold=1.5", "method.mic.mask_pseudo_threshold"),
+])
 def test_bad_values_are_one_line_errors_naming_the_key(override, key):
     with pytest.raises(UserError) as info:
         load_config("mic_daformer_gta2cs", [override])

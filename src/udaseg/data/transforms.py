@@ -224,7 +224,8 @@ class Pipeline:
         extra_maps: Optional[Mapping[str, np.ndarray]] = None,
     ) -> dict[str, torch.Tensor]:
         if self.pseudo_margins is not None:
-            extra_maps = {**(extra_maps or {}), PSEUDO_VALID_KEY: pseudo_valid_map(image.shape[:2], self.pseudo_margins)}
+            valid = pseudo_valid_map(image.shape[:2], self.pseudo_margins)
+            extra_maps = {**(extra_maps or {}), PSEUDO_VALID_KEY: valid}
         height, width = self.output_size(*image.shape[:2])
         img = resize_image(image_to_tensor(image), height, width)
         images = {"image": img}

@@ -94,7 +94,8 @@ class MICConfig:
         if self.weight < 0:
             raise UserError(f"config key 'method.mic.weight' must be >= 0, got {self.weight}")
         if self.mask_alpha != "same" and not 0.0 <= self.mask_alpha < 1.0:
-            raise UserError(f"config key 'method.mic.mask_alpha' must lie in [0, 1) or be 'same', got {self.mask_alpha}")
+            raise UserError(f"config key 'method.mic.mask_alpha' must lie in [0, 1) or be 'same', "
+                            f"got {self.mask_alpha}")
         threshold = self.mask_pseudo_threshold
         if threshold not in ("same", None) and not 0.0 <= threshold <= 1.0:
             raise UserError(f"config key 'method.mic.mask_pseudo_threshold' must lie in [0, 1], be 'same' or null, "
