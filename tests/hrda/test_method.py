@@ -34,6 +34,8 @@ def tiny_preset(preset, domains, work_dir, extra=()):
     for spec, root in ((cfg.data.source, source), (cfg.data.target, target)):
         spec.name, spec.root, spec.split = "folder", str(root), "train"
         spec.resize, spec.crop_size, spec.rcs.enabled, spec.options = None, None, False, {}
+        if spec.pseudo_margins:
+            spec.pseudo_margins = [2, 6, 2, 2]  # the official [30, 240, 30, 30] would cover a 64 px image
     cfg.data.val = [DatasetConfig(name="folder", root=str(target), split="val")]
     return cfg
 
@@ -113,3 +115,38 @@ def test_detail_crop_larger_than_the_context_crop_is_one_line_exit_2(tmp_path, c
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "model.options.detail_crop_size" in err and "1024x1024" in err and len(err.splitlines()) == 1
+
+
+def test_mic_hrda_with_its_own_teacher_trains_on_fused_sliding_labels(hrda_domains, tmp_path):
+    from udaseg.methods.mic import MaskedImageConsistency
+
+    cfg = tiny_preset("mic_hrda_daformer_gta2cs", hrda_domains, tmp_path / "run",
+                      extra=["method.mic.mask_alpha=0.9", "method.mic.mask_pseudo_threshold=0.5"])
+    trainer = Trainer(cfg, progress=False)
+    trainer.train()
+    mic = next(o for o in trainer.method.objectives if isinstance(o, MaskedImageConsistency))
+    assert mic.teacher is not None and mic.teacher.module.attention_head is not None
+    records = list(read_metrics(tmp_path / "run" / "metrics.jsonl", "train"))
+    assert all(math.isfinite(r["masked.mic_ce_logits"]) and 0 <= r["mic_pseudo_ratio"] <= 1 for r in records)
+
+
+def test_sepico_distcl_on_mic_hrda_trains_its_contrast_on_the_context_features(hrda_domains, tmp_path):
+    preset = "sepico_distcl_mic_hrda_daformer_gta2cs"
+    assert preset in list_presets()
+    recipe = load_config(preset)
+    assert (recipe.method.name, recipe.method.mic.base, recipe.method.hrda.base) == ("mic", "hrda", "sepico")
+    assert recipe.method.sepico.variant == "dist" and recipe.method.sepico.target_crop_size == [1024, 1024]
+    assert recipe.data.target.crop_size is None and not recipe.method.self_training.feature_distance.enabled
+    assert recipe.reference["miou"] is None  # the SePiCo paper has no HRDA rows; MIC(HRDA)'s 75.9 is not inherited
+    cfg = tiny_preset(preset, hrda_domains, tmp_path / "run", extra=[
+        "method.sepico.warmup_iters=0", "method.sepico.proj_dim=16", "method.sepico.target_crop_size=[64, 64]"])
+    trainer = Trainer(cfg, progress=False)
+    trainer.train()
+    (tap,) = trainer.model.head_taps.values()
+    assert trainer.model.segmentor.tap_stride(tap) == 8  # stride 4 of the 0.5-scale context pass
+    records = list(read_metrics(tmp_path / "run" / "metrics.jsonl", "train"))
+    expected = {"source_strong.ce_logits", "source_strong.ce_hr", "source_strong.sepico_cl",
+                "target_strong.sepico_cl", "mixed.pseudo_ce_logits", "mixed.pseudo_ce_hr",
+                "masked.mic_ce_logits", "masked.mic_ce_hr"}
+    for record in records:
+        assert expected <= set(record) and all(math.isfinite(record[k]) for k in expected)

@@ -149,6 +149,7 @@ class StepContext:
         self.autocast = autocast
         self.channels_last = channels_last
         self.views: dict[str, View] = {}
+        self.batch: dict[str, dict] = {}  # the data items the views of the batch were made from
         self.state: dict[str, object] = {}  # values objectives share within the iteration
         self.metrics: dict[str, float] = {}
         self.inference_modes = dict(inference_modes or {})
@@ -310,6 +311,7 @@ class TrainStep:
         needs = [n for obj in self.objectives for n in obj.needs(iteration)]
         ctx = StepContext(self.student, self.teacher, iteration, generator, needs, self.num_classes,
                           self.autocast, self.channels_last, self.inference_modes)
+        ctx.batch = batch
         for name, item in batch.items():
             ctx.add_view(name, item["image"], item.get("label"))
         for obj in self.objectives:

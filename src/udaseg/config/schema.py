@@ -91,6 +91,9 @@ class DatasetConfig:
     rcs: RCSConfig = field(default_factory=RCSConfig)
     options: dict = field(default_factory=dict)  # dataset-specific extras (e.g. ACDC condition)
     pseudo_labels: str = ""  # folder of an offline 'pseudo_labels' pass: labels are read from there
+    # [top, bottom, left, right] px of each loaded image whose pseudo-labels get weight 0, marked before
+    # resize / crop / flip (HRDA / MIC crop_pseudo_margins: [30, 240, 30, 30] on Cityscapes); null: none
+    pseudo_margins: Optional[list[int]] = None
 
     alias: str = ""  # the key of this set's results when evaluated (default: name:split, plus root if repeated)
 
@@ -98,6 +101,9 @@ class DatasetConfig:
         for key in ("resize", "crop_size"):
             require_pair(path, key, getattr(self, key))
         require_range(path, "cat_max_ratio", self.cat_max_ratio, 0.0, 1.0, low_open=True)
+        margins = self.pseudo_margins
+        require(margins is None or (len(margins) == 4 and min(margins) >= 0), path, "pseudo_margins", margins,
+                "expects four ints >= 0 [top, bottom, left, right]")
 
 
 @dataclass

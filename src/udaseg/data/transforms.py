@@ -178,13 +178,28 @@ def _map_to_tensor(array: np.ndarray) -> torch.Tensor:
 
 
 NORMALIZATIONS = ("fixed", "per_image")
+PSEUDO_VALID_KEY = "pseudo_valid"
+
+
+def pseudo_valid_map(size: Sequence[int], margins: Sequence[int]) -> np.ndarray:
+    """``H×W`` uint8 map: 1 inside, 0 on the ``[top, bottom, left, right]`` pixel margins.
+
+    The official ``valid_pseudo_mask``: made on the loaded image and then resized, cropped and
+    flipped with it, so a crop's left/right columns are masked only where it touches the border.
+    """
+    height, width = int(size[0]), int(size[1])
+    top, bottom, left, right = (int(v) for v in margins)
+    valid = np.zeros((height, width), dtype=np.uint8)
+    valid[top:max(height - bottom, top), left:max(width - right, left)] = 1
+    return valid
 
 
 class Pipeline:
     """Resize, random crop, flip, normalise and pad an image with its label and extra maps.
 
     ``Pipeline(...)(image, label)`` returns ``{"image": float32 3×H×W, "label": int64 H×W}``
-    (``label`` only when one is given) plus one entry per extra image / map.
+    (``label`` only when one is given) plus one entry per extra image / map, and with
+    ``pseudo_margins`` a bool ``H×W`` ``pseudo_valid`` (:func:`pseudo_valid_map`, transformed alike).
     """
 
     def __init__(
@@ -198,6 +213,7 @@ class Pipeline:
         flip: bool = False,
         ignore_index: int = IGNORE_INDEX,
         normalization: str = "fixed",
+        pseudo_margins: Optional[Sequence[int]] = None,
     ) -> None:
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
@@ -210,11 +226,13 @@ class Pipeline:
         self.cat_max_ratio = float(cat_max_ratio)
         self.flip = flip
         self.ignore_index = ignore_index
+        self.pseudo_margins = tuple(int(v) for v in pseudo_margins) if pseudo_margins is not None else None
 
     @classmethod
     def from_config(cls, cfg: "DatasetConfig", mean: Sequence[float], std: Sequence[float]) -> "Pipeline":
         return cls(mean, std, resize=cfg.resize, keep_ratio=cfg.keep_ratio, crop_size=cfg.crop_size,
-                   cat_max_ratio=cfg.cat_max_ratio, flip=cfg.flip, normalization=cfg.normalization)
+                   cat_max_ratio=cfg.cat_max_ratio, flip=cfg.flip, normalization=cfg.normalization,
+                   pseudo_margins=cfg.pseudo_margins)
 
     def statistics(self, image: torch.Tensor) -> tuple[list[float], list[float]]:
         """The ``(mean, std)`` that normalise ``image``: the fixed ones, or the image's own."""
@@ -236,6 +254,9 @@ class Pipeline:
         extra_images: Optional[Mapping[str, np.ndarray]] = None,
         extra_maps: Optional[Mapping[str, np.ndarray]] = None,
     ) -> dict[str, torch.Tensor]:
+        if self.pseudo_margins is not None:
+            valid = pseudo_valid_map(image.shape[:2], self.pseudo_margins)
+            extra_maps = {**(extra_maps or {}), PSEUDO_VALID_KEY: valid}
         height, width = self.output_size(*image.shape[:2])
         img = resize_image(image_to_tensor(image), height, width)
         images = {"image": img}
@@ -273,4 +294,6 @@ class Pipeline:
             for key in out:
                 is_int_map = key in maps and not out[key].is_floating_point()
                 out[key] = _pad(out[key], crop_h, crop_w, float(self.ignore_index) if is_int_map else 0.0)
+        if PSEUDO_VALID_KEY in out:
+            out[PSEUDO_VALID_KEY] = out[PSEUDO_VALID_KEY] == 1  # padding (255) is not valid
         return out

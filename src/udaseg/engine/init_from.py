@@ -5,6 +5,10 @@ the error names what differs); the method's extra heads are taken where the chec
 with the same shapes and are left freshly initialised otherwise (a new method's projector).
 Optimiser, schedule, iteration, data positions and method state are not restored: the run starts
 at iteration 0. The EMA teacher starts as a copy of the loaded student.
+
+An official release file (an mmseg ``state_dict``, e.g. a DAFormer, HRDA or MIC(HRDA) UDA
+checkpoint with ``model.*`` / ``ema_model.*``) is converted by :func:`udaseg.models.load_pretrained`
+(``init_from_model: teacher`` takes ``ema_model.*``); every segmentor weight must come from it.
 """
 
 from __future__ import annotations
@@ -37,9 +41,30 @@ def initial_weights(path: Path, model_name: str, num_classes: int, use: str = "s
     return weights
 
 
+def is_release_file(state: dict) -> bool:
+    """An official (mmseg) checkpoint rather than a udaseg one: a ``state_dict`` and no ``model`` entry."""
+    return "model" not in state and isinstance(state.get("state_dict"), dict)
+
+
+def load_release_weights(model: nn.Module, path: Path, model_name: str, use: str = "student") -> None:
+    """Convert an official release file into ``model.segmentor``; refuse one that leaves a weight unfilled."""
+    from udaseg.models import load_pretrained
+
+    report = load_pretrained(model.segmentor, str(path), use_ema=use == "teacher")
+    needed = [k for k in report.missing if not k.startswith("proj_head.")]
+    if needed or report.mismatched:
+        key = needed[0] if needed else report.mismatched[0][0]
+        why = "missing" if needed else "of another shape"
+        raise UserError(f"model.init_from={path} ({report.format}) does not fit model '{model_name}': "
+                        f"key 'segmentor.{key}' is {why}")
+
+
 def load_initial_weights(model: nn.Module, path: Path, model_name: str, num_classes: int,
                          use: str = "student") -> list[str]:
     """Load the checkpoint's weights into a ``UDAModel``; return the names of the heads taken over."""
+    if is_release_file(load_checkpoint(path)):
+        load_release_weights(model, path, model_name, use)
+        return []
     weights = initial_weights(path, model_name, num_classes, use)
     segmentor = {k[len(SEGMENTOR_PREFIX):]: v for k, v in weights.items() if k.startswith(SEGMENTOR_PREFIX)}
     own = model.segmentor.state_dict()

@@ -41,6 +41,7 @@ from udaseg.methods.base import SupervisedSegmentation, output_losses, segmentat
 AUG_FLAGS = "augmentation_flags"
 PSEUDO = "target_pseudo"
 MONITOR = "monitor_labels"  # view name -> held-back ground truth aligned with that view (monitoring only)
+PSEUDO_VALID = "pseudo_valid"  # view name -> B×H×W bool margin map aligned with that view (see below)
 MIX_MASKS = "class_mix_masks"  # B×H×W bool, True on pasted source pixels of the 'mixed' view
 
 
@@ -50,6 +51,29 @@ def monitor_label(ctx: StepContext, batch: dict, view: str) -> Optional[Tensor]:
     if view in aligned:
         return aligned[view]
     return batch.get(view, {}).get("monitor_label")
+
+
+def pseudo_valid_region(ctx: StepContext, view: str) -> Optional[Tensor]:
+    """``B×H×W`` bool: where pseudo-labels of ``view`` may be trusted (the data's ``pseudo_margins``).
+
+    The batch item's ``pseudo_valid`` map, or its crop when an objective re-cropped the view (kept in
+    ``ctx.state["pseudo_valid"]``); ``None`` when the data set has no margins.
+    """
+    aligned = ctx.state.get(PSEUDO_VALID, {})
+    valid = aligned[view] if view in aligned else ctx.batch.get(view, {}).get(PSEUDO_VALID)
+    if valid is None:
+        return None
+    size = tuple(ctx.view(view).image.shape[-2:])
+    if tuple(valid.shape[-2:]) != size:
+        raise RuntimeError(f"the pseudo-label margin map of view '{view}' is {tuple(valid.shape[-2:])}, the view "
+                           f"{size}; an objective that re-crops a view must crop ctx.state['{PSEUDO_VALID}'] too")
+    return valid
+
+
+def apply_pseudo_margins(ctx: StepContext, view: str, weight: Tensor) -> Tensor:
+    """``weight`` (B×H×W) times the view's margin map (unchanged without one)."""
+    valid = pseudo_valid_region(ctx, view)
+    return weight if valid is None else weight * valid.to(weight.device, weight.dtype)
 
 
 def iteration_augmentation_flags(ctx: StepContext, cfg: SelfTrainingConfig, view: str | None = None) -> tuple[bool, bool]:
@@ -95,7 +119,7 @@ def store_pseudo_labels(ctx: StepContext, cfg: SelfTrainingConfig, view: str, pr
                         confidence: Tensor) -> dict:
     """Add the confidence ratio and weight map to pseudo-labels of ``view`` and share them in ``ctx.state``."""
     ratio = confidence_ratio(confidence, cfg.pseudo_threshold, per_image=cfg.confidence_weight == "image")
-    weight = pseudo_weight_map(ratio, labels.shape, cfg.ignore_top, cfg.ignore_bottom)
+    weight = apply_pseudo_margins(ctx, view, pseudo_weight_map(ratio, labels.shape, cfg.ignore_top, cfg.ignore_bottom))
     result = {"view": view, "image": ctx.view(view).image, "probs": probs, "labels": labels,
               "confidence": confidence, "ratio": ratio, "weight": weight}
     ctx.state[PSEUDO] = result  # the latest pseudo-labels of the iteration

@@ -36,9 +36,12 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+import torch
 from torch import Tensor, nn
 
 from udaseg.adapt.multires import check_detail_crop
+from udaseg.adapt.step import Objective, StepContext
+from udaseg.adapt.teacher import unwrap_model
 from udaseg.config.schema import Config
 from udaseg.errors import UserError
 from udaseg.methods import Method, build_method, register_method
@@ -71,11 +74,48 @@ def hrda_segmentation_loss(output: HRDAOutput, labels: Tensor, pixel_weight: Opt
     return terms
 
 
+DETAIL_CROP_STREAM = 0x48524441  # tags the detail-crop stream derived from the step's seed
+
+
+def detail_crop_generator(step_generator: torch.Generator) -> torch.Generator:
+    """The iteration's stream for detail-crop boxes: seeded from the step generator's seed, so it
+    is reproduced on resume and draws from neither the step's stream nor torch's global RNG."""
+    from udaseg.engine.loader import mix_seed
+
+    return torch.Generator().manual_seed(mix_seed(step_generator.initial_seed(), DETAIL_CROP_STREAM))
+
+
+class DetailCropDraws(Objective):
+    """Hands the student's HRDA segmentor the iteration's detail-crop stream.
+
+    Its ``prepare`` runs before any objective's losses, where the student forwards run, so every
+    student forward of the iteration then draws its detail box from
+    :func:`detail_crop_generator` (source, mixed and masked views in the order they run); the
+    stream is dropped after the step. No views, no losses.
+    """
+
+    name = "hrda_detail_crops"
+
+    def prepare(self, ctx: StepContext, batch: dict) -> None:
+        _hrda_segmentor(ctx.student_model).crop_generator = detail_crop_generator(ctx.generator)
+
+    def after_step(self, ctx: StepContext) -> None:
+        _hrda_segmentor(ctx.student_model).crop_generator = None
+
+
+def _hrda_segmentor(model: nn.Module) -> HRDASegmentor:
+    model = unwrap_model(model)
+    segmentor = unwrap_model(getattr(model, "segmentor", model))
+    if not isinstance(segmentor, HRDASegmentor):
+        raise RuntimeError(f"the student is not an HRDA model ({type(segmentor).__name__})")
+    return segmentor
+
+
 @dataclass
 class HRDAConfig:
     """``method.hrda``: the self-training base and the detail-loss weight λ_d (official: 0.1)."""
 
-    base: Literal["dacs", "daformer", "t2sda", "pgpc"] = "daformer"
+    base: Literal["dacs", "daformer", "sepico", "t2sda", "pgpc"] = "daformer"
     detail_loss_weight: float = 0.1
 
     def validate(self) -> None:
@@ -117,4 +157,4 @@ def build_hrda(cfg: Config, segmentor: nn.Module) -> Method:
     for objective in base.objectives:
         if isinstance(objective, (SupervisedSegmentation, PseudoLabelSelfTraining)):
             objective.outputs = dict(weights)
-    return base
+    return dataclasses.replace(base, objectives=[*base.objectives, DetailCropDraws()])

@@ -17,6 +17,12 @@ masked, the teacher's pseudo-label of the complete image, so it has to use conte
   masked pixels stay exactly 0 in normalised space (the mean colour).
 - The mask is applied to the **normalised** image and is redrawn every iteration, per image.
 - No warm-up: the loss is on from iteration 0.
+- Separate masking teacher (official ``mask_alpha`` / ``mask_pseudo_threshold``, both ``"same"``
+  by default, i.e. no own teacher): when either differs, MIC keeps an EMA copy f_ψ of the student
+  of its own, ``ψ ← α_t ψ + (1 − α_t) θ`` with ``α_t = min(1 − 1/(t+1), mask_alpha)`` (copied at
+  t = 0, updated before the iteration's student step; ``mask_alpha = 0``: the current student),
+  and takes ``ŷ^T``, ``q^T`` from it with ``τ = mask_pseudo_threshold`` (``null``: q^T = 1), times
+  the same margins.
 - The CE is the base's (mmseg reduction: mean over all pixels, ignored ones included).
 
 Shapes: ``x^T`` ``B×3×H×W`` (normalised), mask ``B×1×H×W``, ``ŷ^T`` ``B×H×W`` int64,
@@ -39,15 +45,16 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal, Optional, Sequence
+from typing import Literal, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from udaseg.adapt.augment import draw_augmentation_flags, strong_augment
 from udaseg.adapt.masking import check_block_size, mask_images
-from udaseg.adapt.pseudo_label import pseudo_weight_map
+from udaseg.adapt.pseudo_label import confidence_ratio, pseudo_labels, pseudo_weight_map
 from udaseg.adapt.step import Need, Objective, StepContext
+from udaseg.adapt.teacher import EMATeacher
 from udaseg.config.schema import Config, SelfTrainingConfig
 from udaseg.errors import UserError
 from udaseg.methods import Method, build_method, register_method
@@ -68,6 +75,15 @@ class MICConfig:
     images: Literal["target", "source_and_target", "source"] = "target"
     color_augmentation: bool = True  # fresh colour jitter + blur before masking
     quality_weight: bool = True  # False: weight 1 instead of the teacher's confidence ratio
+    # EMA rate of a separate MIC teacher; "same": the base teacher's labels (no own teacher)
+    mask_alpha: Union[float, Literal["same"]] = "same"
+    # confidence threshold of the MIC quality weight; "same": self_training.pseudo_threshold; null: weight 1
+    mask_pseudo_threshold: Optional[Union[float, Literal["same"]]] = "same"
+
+    @property
+    def own_teacher(self) -> bool:
+        """MIC keeps a teacher of its own iff either switch differs from ``"same"`` (official rule)."""
+        return self.mask_alpha != "same" or self.mask_pseudo_threshold != "same"
 
     def validate(self) -> None:
         if self.block_size < 1:
@@ -77,6 +93,16 @@ class MICConfig:
             raise UserError(f"config key 'method.mic.mask_ratio' must lie in [0, 1), got {self.mask_ratio}")
         if self.weight < 0:
             raise UserError(f"config key 'method.mic.weight' must be >= 0, got {self.weight}")
+        if self.mask_alpha != "same" and not 0.0 <= self.mask_alpha < 1.0:
+            raise UserError(f"config key 'method.mic.mask_alpha' must lie in [0, 1) or be 'same', "
+                            f"got {self.mask_alpha}")
+        threshold = self.mask_pseudo_threshold
+        if threshold not in ("same", None) and not 0.0 <= threshold <= 1.0:
+            raise UserError(f"config key 'method.mic.mask_pseudo_threshold' must lie in [0, 1], be 'same' or null, "
+                            f"got {threshold}")
+        if self.own_teacher and self.images == "source":
+            raise UserError("method.mic.mask_alpha / mask_pseudo_threshold set a teacher for target pseudo-labels, "
+                            "but method.mic.images=source masks labelled images only")
 
 
 def masked_consistency_loss(masked_logits: Tensor, pseudo_labels: Tensor,
@@ -93,6 +119,42 @@ def masked_consistency_loss(masked_logits: Tensor, pseudo_labels: Tensor,
     return segmentation_cross_entropy(masked_logits, pseudo_labels, pseudo_weight)
 
 
+class MaskingTeacher(nn.Module):
+    """MIC's separate EMA teacher f_ψ (official ``EMATeacher`` with the ``mask_`` parameters).
+
+    A full copy of the segmentor (HRDA included), parameters without gradients, train-mode BN,
+    dropout and drop-path off. :meth:`pseudo_labels` first updates ψ from the student
+    (``ψ ← α_t ψ + (1 − α_t) θ``, ``α_t = min(1 − 1/(t+1), α)``; a copy at t = 0), then returns
+    the argmax ``ŷ^T`` and the weight ``q^T`` (``B×H×W``): the fraction of the batch's pixels with
+    ``max_c p ≥ τ`` (``threshold=None``: 1), times the margins. Its weights are saved with the
+    objective, so a resumed run continues the same teacher.
+    """
+
+    def __init__(self, student: nn.Module, alpha: float, threshold: Optional[float]) -> None:
+        super().__init__()
+        ema = EMATeacher(student, alpha)
+        self.module = ema.module
+        self.threshold = threshold
+        self._ema = ema  # not a submodule: it refers to the student, which the trainer owns
+
+    @property
+    def alpha(self) -> float:
+        return self._ema.alpha_max
+
+    def pseudo_labels(self, image: Tensor, iteration: int, cfg: SelfTrainingConfig,
+                      autocast: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
+        """``(ŷ^T B×H×W int64, q^T B×H×W)`` of ``image`` (normalised ``B×3×H×W``) at ``iteration``."""
+        self._ema.update(iteration)
+        with torch.autocast(image.device.type, dtype=autocast, enabled=autocast is not None):
+            logits = self._ema(image).logits
+        out = pseudo_labels(logits, tuple(image.shape[-2:]))
+        ratio = 1.0 if self.threshold is None else confidence_ratio(
+            out.confidence, self.threshold, per_image=cfg.confidence_weight == "image")
+        weight = pseudo_weight_map(ratio, out.labels.shape, cfg.ignore_top, cfg.ignore_bottom,
+                                   device=out.labels.device)
+        return out.labels, weight
+
+
 class MaskedImageConsistency(Objective):
     """The MIC view and loss inside the shared step (student group ``masked``)."""
 
@@ -100,9 +162,10 @@ class MaskedImageConsistency(Objective):
 
     def __init__(self, cfg: MICConfig, self_training_cfg: SelfTrainingConfig, mean: Sequence[float],
                  std: Sequence[float], source_view: str = "source", target_view: str = "target",
-                 outputs: Optional[dict[str, float]] = None):
+                 outputs: Optional[dict[str, float]] = None, teacher: Optional[MaskingTeacher] = None):
         super().__init__()
         self.cfg = cfg
+        self.teacher = teacher  # MIC's own teacher, or None: the base's pseudo-labels
         self.outputs = dict(outputs) if outputs else None  # named outputs and weights (HRDA), λ_m included
         self.self_training_cfg = self_training_cfg
         self.mean, self.std = list(mean), list(std)
@@ -115,7 +178,7 @@ class MaskedImageConsistency(Objective):
 
     def needs(self, iteration: int) -> list[Need]:
         needs = [Need("student", MASKED_VIEW)]
-        if self.uses_target:
+        if self.uses_target and self.teacher is None:
             needs.append(Need("teacher", self.target_view))
         return needs
 
@@ -138,15 +201,13 @@ class MaskedImageConsistency(Objective):
             if source.label is None:
                 raise RuntimeError(f"view '{self.source_view}' has no labels")
             return source.image, source.label, None
-        from udaseg.methods.dacs import teacher_pseudo_labels
+        from udaseg.methods.dacs import apply_pseudo_margins
 
-        pseudo = teacher_pseudo_labels(ctx, self.self_training_cfg, self.target_view)
-        labels = pseudo["labels"]
-        if self.cfg.quality_weight:
-            weight = pseudo["weight"]
-        else:
-            weight = pseudo_weight_map(1.0, labels.shape, self.self_training_cfg.ignore_top,
-                                       self.self_training_cfg.ignore_bottom, device=labels.device)
+        labels, weight = self._target_pseudo_labels(ctx)
+        if not self.cfg.quality_weight:
+            weight = apply_pseudo_margins(ctx, self.target_view, pseudo_weight_map(
+                1.0, labels.shape, self.self_training_cfg.ignore_top, self.self_training_cfg.ignore_bottom,
+                device=labels.device))
         target = ctx.view(self.target_view)
         if self.cfg.images == "target":
             return target.image, labels, weight
@@ -159,6 +220,21 @@ class MaskedImageConsistency(Objective):
         label = torch.stack([source.label[0].to(labels.dtype), labels[0]])
         weight = torch.stack([torch.ones_like(weight[0]), weight[0]])
         return image, label, weight
+
+    def _target_pseudo_labels(self, ctx: StepContext) -> tuple[Tensor, Tensor]:
+        """``(ŷ^T, q^T)`` of the target view: MIC's own teacher's, else the base teacher's (shared)."""
+        from udaseg.methods.dacs import apply_pseudo_margins
+
+        if self.teacher is not None:
+            image = ctx.view(self.target_view).image
+            labels, weight = self.teacher.pseudo_labels(image, ctx.iteration, self.self_training_cfg, ctx.autocast)
+            weight = apply_pseudo_margins(ctx, self.target_view, weight)
+            ctx.metrics["mic_pseudo_ratio"] = float(weight.max())
+            return labels, weight
+        from udaseg.methods.dacs import teacher_pseudo_labels
+
+        pseudo = teacher_pseudo_labels(ctx, self.self_training_cfg, self.target_view)
+        return pseudo["labels"], pseudo["weight"]  # the margins are already in
 
     def losses(self, ctx: StepContext, group: str) -> dict[str, Tensor]:
         if group != MASKED_VIEW:
@@ -180,6 +256,18 @@ def check_crop_divisible(cfg: Config) -> None:
             check_block_size(spec.crop_size[0], spec.crop_size[1], cfg.method.mic.block_size, BLOCK_SIZE_KEY)
 
 
+def masking_teacher(cfg: Config, segmentor: nn.Module) -> Optional[MaskingTeacher]:
+    """MIC's own teacher when ``mask_alpha`` or ``mask_pseudo_threshold`` is not ``"same"``; "same"
+    resolves to ``self_training.ema_alpha`` / ``self_training.pseudo_threshold``."""
+    mic, self_training = cfg.method.mic, cfg.method.self_training
+    if not mic.own_teacher:
+        return None
+    alpha = self_training.ema_alpha if mic.mask_alpha == "same" else float(mic.mask_alpha)
+    threshold = mic.mask_pseudo_threshold
+    threshold = self_training.pseudo_threshold if threshold == "same" else threshold
+    return MaskingTeacher(segmentor, alpha, None if threshold is None else float(threshold))
+
+
 @register_method("mic", config=MICConfig)
 def build_mic(cfg: Config, segmentor: nn.Module) -> Method:
     """``method.mic.base`` (DAFormer, DACS, SePiCo or T2S-DA) with the MIC objective added last."""
@@ -195,7 +283,8 @@ def build_mic(cfg: Config, segmentor: nn.Module) -> Method:
 
         # As the official code: lambda_m scales the fused term only, not HRDA's detail term.
         outputs = hrda_output_weights(cfg, main_weight=mic.weight)
-    objective = MaskedImageConsistency(mic, cfg.method.self_training, cfg.data.mean, cfg.data.std, outputs=outputs)
+    objective = MaskedImageConsistency(mic, cfg.method.self_training, cfg.data.mean, cfg.data.std, outputs=outputs,
+                                       teacher=masking_teacher(cfg, segmentor))
     if objective.uses_target and not base.uses_target:
         raise UserError(f"method.mic.images={mic.images!r} needs target images, but method.mic.base={mic.base!r} "
                         "is configured without them; use method.mic.images=source")

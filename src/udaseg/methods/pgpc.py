@@ -469,7 +469,7 @@ class PGPCContrast(Objective):
         target_features = ctx.teacher(self.target_view).projections[self.head].float()
         grid = tuple(target_features.shape[-2:])
         maps = teacher_pixel_maps(pseudo["probs"], grid, cfg.rank)
-        valid = self._valid_cells(pseudo["labels"].shape, grid, target_features.device)
+        valid = self._valid_cells(ctx, pseudo["labels"].shape, grid, target_features.device)
         reliable = reliable_pixel_mask(maps, valid, cfg.selection, cfg.proportion, cfg.selection_scope)
         if self.active(ctx.iteration):
             candidates = reliable
@@ -496,13 +496,16 @@ class PGPCContrast(Objective):
                                         generator)
         ctx.metrics["pgpc.reliable"] = float(reliable.float().mean())
 
-    def _valid_cells(self, full_shape: Sequence[int], grid: Sequence[int], device: torch.device) -> Tensor:
+    def _valid_cells(self, ctx: StepContext, full_shape: Sequence[int], grid: Sequence[int],
+                     device: torch.device) -> Tensor:
+        from udaseg.methods.dacs import apply_pseudo_margins
+
         batch = int(full_shape[0])
         if not self.cfg.exclude_ignored:
             return torch.ones(batch, *grid, dtype=torch.bool, device=device)
         band = pseudo_weight_map(1.0, full_shape, self.self_training.ignore_top, self.self_training.ignore_bottom,
-                                 device=device) > 0
-        return full_cells(band, grid)
+                                 device=device)
+        return full_cells(apply_pseudo_margins(ctx, self.target_view, band) > 0, grid)
 
     def _scale_target_pixels(self, ctx: StepContext) -> None:
         """lambda_t: multiply the ClassMix CE weights of target-origin pixels (source pixels keep 1)."""

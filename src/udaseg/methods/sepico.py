@@ -37,8 +37,8 @@ from udaseg.adapt.step import Need, Objective, StepContext
 from udaseg.config.schema import ITERATION_COUNT, Config, SelfTrainingConfig
 from udaseg.errors import UserError
 from udaseg.methods import Method, register_method
-from udaseg.methods.dacs import (MONITOR, PseudoLabelSelfTraining, monitor_label, store_pseudo_labels, strong_view,
-                                 teacher_pseudo_labels)
+from udaseg.methods.dacs import (MONITOR, PSEUDO_VALID, PseudoLabelSelfTraining, monitor_label, pseudo_valid_region,
+                                 store_pseudo_labels, strong_view, teacher_pseudo_labels)
 
 
 @dataclass
@@ -665,6 +665,7 @@ class TargetCropping(Objective):
         target = ctx.view(self.target_view)
         size = self._effective_crop(target.image.shape[-2:])
         if size is not None:
+            valid = pseudo_valid_region(ctx, self.target_view)
             full = self._pseudo_labels(ctx)
             if self.cfg.class_balanced_crop:
                 boxes = class_balanced_crop_boxes(full["labels"], size, self.cfg.crop_candidates,
@@ -676,6 +677,8 @@ class TargetCropping(Objective):
             truth = monitor_label(ctx, batch, self.target_view)
             if truth is not None:
                 ctx.state.setdefault(MONITOR, {})[self.target_view] = crop_batch(truth, boxes)
+            if valid is not None:
+                ctx.state.setdefault(PSEUDO_VALID, {})[self.target_view] = crop_batch(valid, boxes)
             if self.cfg.dark:
                 ctx.add_view(DAY_VIEW, crop_batch(ctx.view(DAY_VIEW).image, boxes))
             ctx.state[CROP_BOXES] = boxes

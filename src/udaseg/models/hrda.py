@@ -184,6 +184,8 @@ class HRDASegmentor(Segmentor):
         self.slide_overlapping = bool(slide_overlapping)
         self.hr_slide_inference = bool(hr_slide_inference)
         self.fixed_attention = fixed_attention
+        # The training step's per-iteration stream for the detail-crop draws (set by the hrda method).
+        self.crop_generator: Optional[torch.Generator] = None
 
     # ----------------------------------------------------------------------------------- geometry
     @property
@@ -210,7 +212,8 @@ class HRDASegmentor(Segmentor):
                 detail_box: Optional[CropBox] = None, generator: Optional[torch.Generator] = None) -> HRDAOutput:
         """``x``: ``B×3×H×W`` context crops at full resolution -> :class:`HRDAOutput`.
 
-        ``mode="train"`` uses ``detail_box`` or draws one (from ``generator`` or torch's global RNG);
+        ``mode="train"`` uses ``detail_box`` or draws one, from ``generator``, else from
+        ``crop_generator`` (the training step's stream), else from torch's global RNG;
         ``decode=False`` runs only the context encoder (for encoder taps such as the feature distance).
         """
         if isinstance(taps, str):
@@ -235,7 +238,8 @@ class HRDASegmentor(Segmentor):
         low_res = self.decode_head.classify(decoded)
         attention = self._attention(stages, low_res)
         if mode == "train":
-            box = detail_box or draw_detail_box(height, width, self.detail_crop_size, self.crop_divisible, generator)
+            box = detail_box or draw_detail_box(height, width, self.detail_crop_size, self.crop_divisible,
+                                                generator if generator is not None else self.crop_generator)
             check_detail_crop((height, width), (box.height, box.width))
             high_res = self.decode_head(self.backbone(box.crop(x)))
         else:

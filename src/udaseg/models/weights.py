@@ -21,6 +21,13 @@ Supported formats (``fmt``; ``"auto"`` detects them from the key names):
     DeepLab-V2 heads equal mmseg's), ``auxiliary_head.*`` (SePiCo's projection head) maps to
     ``proj_head`` when the model has one and is ignored otherwise.
 
+    Released HRDA / MIC(HRDA) checkpoints are ``uda`` files too. Their ``decode_head`` is mmseg's
+    ``HRDAHead``, which holds no weights of its own: ``decode_head.head.*`` (the single-scale head shared by
+    both scales) maps to ``decode_head.*`` and ``decode_head.scale_attention.*`` (the scale attention) to
+    ``attention_head.*`` of :class:`udaseg.models.hrda.HRDASegmentor`. Into a single-scale segmentor the
+    shared head loads as its decode head and the attention is ignored. A MIC file's separate teacher
+    (``mic.teacher.ema_model.*``, present only when it used one) is ignored like ``imnet_model.*``.
+
 Backbone formats load into ``module.backbone`` when given a :class:`Segmentor` (the heads are then not
 counted as missing), or into the module itself. Segmentor formats load into a full :class:`Segmentor`, or
 only their ``backbone.*`` part into a bare backbone. A leading ``module.`` (DDP) is removed.
@@ -155,13 +162,30 @@ def _select_uda_model(state_dict: Mapping[str, Tensor], use_ema: bool, path: str
     return selected, [k for k in state_dict if not k.startswith(prefix)]
 
 
+HRDA_SHARED_HEAD = "decode_head.head."
+HRDA_ATTENTION = "decode_head.scale_attention."
+
+
+def _map_hrda_key(key: str, has_attention: bool) -> Optional[str]:
+    """An mmseg ``HRDAHead`` key -> the udaseg key (``None``: no slot for it); other keys unchanged."""
+    if key.startswith(HRDA_SHARED_HEAD):
+        return "decode_head." + key[len(HRDA_SHARED_HEAD):]
+    if key.startswith(HRDA_ATTENTION):
+        return "attention_head." + key[len(HRDA_ATTENTION):] if has_attention else None
+    return key
+
+
 def _map_segmentor_keys(state_dict: Mapping[str, Tensor], target: nn.Module) -> Tuple[Dict[str, Tensor], List[str]]:
-    """mmseg segmentor keys -> udaseg Segmentor keys."""
+    """mmseg segmentor keys -> udaseg Segmentor keys (HRDA's ``HRDAHead`` included)."""
     has_proj = isinstance(target, Segmentor) and target.proj_head is not None
     segformer = isinstance(target, Segmentor) and isinstance(target.decode_head, SegFormerHead)
+    has_attention = getattr(target, "attention_head", None) is not None
     mapped, ignored = {}, []
-    for key, value in state_dict.items():
-        if key.startswith("auxiliary_head."):
+    for original, value in state_dict.items():
+        key = _map_hrda_key(original, has_attention)
+        if key is None:
+            ignored.append(original)
+        elif key.startswith("auxiliary_head."):
             if has_proj:
                 mapped["proj_head." + key[len("auxiliary_head."):]] = value
             else:
