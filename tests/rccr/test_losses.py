@@ -153,3 +153,18 @@ def test_bank_keeps_exactly_the_last_batches_and_reloads():
     assert not fresh.features.requires_grad
     with pytest.raises(ValueError, match="features must be N x 2"):
         fresh.push(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))
+
+
+def test_anchor_without_negatives_has_zero_loss_and_finite_gradient():
+    z = torch.randn(6, 4, requires_grad=True)
+    z_hat = torch.randn(6, 4)
+    anchors = torch.tensor([0, 1])
+    labels = torch.zeros(6, dtype=torch.long)  # one class everywhere: NS(C) removes every negative
+    mask = negative_mask(anchors, labels[anchors], labels)
+    mixed = mask.clone()
+    mixed[1] = True
+    mixed[1, 1] = False
+    losses = RegionContrastLoss(0.1)(z, z_hat, anchors, mask, mixed)
+    assert losses[0] == 0 and losses[1] > 0
+    losses.sum().backward()
+    assert torch.isfinite(z.grad).all()

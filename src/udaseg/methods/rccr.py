@@ -250,13 +250,20 @@ class RegionContrastLoss(nn.Module):
         queries = z[anchors]
         positive = (queries * z_hat[anchors]).sum(1) / self.temperature
         keys = z.detach() if self.detach_student_negatives else z
-        parts = [positive.unsqueeze(1),
-                 (queries @ z_hat.T / self.temperature).masked_fill(~teacher_mask, float("-inf")),
-                 (queries @ keys.T / self.temperature).masked_fill(~student_mask, float("-inf"))]
+        # log-sum-exp per candidate set, then over the sets: no concatenated A x (2N + M) copy
+        parts = [positive, self._logsumexp(queries, z_hat, teacher_mask), self._logsumexp(queries, keys, student_mask)]
         if extra is not None and extra.shape[0] > 0:
-            bank = F.normalize(extra.detach().float(), dim=1)
-            parts.append((queries @ bank.T / self.temperature).masked_fill(~extra_mask, float("-inf")))
-        return torch.logsumexp(torch.cat(parts, dim=1), dim=1) - positive
+            parts.append(self._logsumexp(queries, F.normalize(extra.detach().float(), dim=1), extra_mask))
+        return torch.logsumexp(torch.stack(parts, dim=1), dim=1) - positive
+
+    def _logsumexp(self, queries: Tensor, keys: Tensor, mask: Tensor) -> Tensor:
+        """Per query, log Σ exp(q·k/τ) over the keys ``mask`` allows (−inf when none)."""
+        used = mask.any(0)
+        if not bool(used.all()):  # keys no anchor uses are skipped before the product
+            keys, mask = keys[used], mask[:, used]
+        if keys.shape[0] == 0:
+            return queries.new_full((queries.shape[0],), float("-inf"))
+        return torch.logsumexp((queries @ keys.T / self.temperature).masked_fill(~mask, float("-inf")), dim=1)
 
 
 # ============================================================================  objective (training step)
