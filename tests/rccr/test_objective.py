@@ -189,7 +189,6 @@ def test_gradients_reach_projector_and_encoder_only_never_the_teacher():
     cfg = step_config(["method.rccr.weight=1.0", "method.rccr.confidence_threshold=0.0"])
     model, teacher, method = build(cfg)
     contrast = contrast_of(method.objectives)
-    step = TrainStep(model, teacher, [contrast], 3)
     ctx = prepared(model, teacher, method, make_batch())
     loss, _ = contrast.contrast(step_features(ctx, contrast), ctx.state[PLAN])
     loss.backward()
