@@ -81,3 +81,33 @@ def downscale_label_nearest(
     out = F.interpolate(plain[:, None].float(), size=tuple(int(v) for v in size), mode="nearest")
     out = out[:, 0].to(plain.dtype)
     return out.unsqueeze(1) if had_channel else out
+
+
+def downscale_label_majority(
+    labels: torch.Tensor,
+    scale: int,
+    num_classes: int = 19,
+    ignore_index: int = 255,
+) -> torch.Tensor:
+    """Majority vote over each s×s block among the **valid** pixels (RCCR's cell labels, spec A14).
+
+    A cell takes the most frequent real class of its block (ties: the lowest class index); it is
+    ``ignore_index`` only when every pixel of the block is ignored. Unlike
+    :func:`downscale_label_ratio` there is no minimum share and void pixels never win the vote.
+    Returns int64 labels B×⌊H/s⌋×⌊W/s⌋ (B×1×… when the input had the channel axis).
+
+    Example: a 2×2 block ``[[3, 255], [255, 255]]`` becomes 3; ``[[255, 255], [255, 255]]`` stays 255.
+    """
+    if int(scale) != scale or scale < 1:
+        raise ValueError(f"scale must be a positive integer, got {scale}")
+    scale = int(scale)
+    plain, had_channel = _split_channel(labels)
+    plain = plain.long()
+    valid = plain != ignore_index
+    if bool(((plain < 0) | (plain >= num_classes))[valid].any()):
+        raise ValueError(f"labels must lie in [0, {num_classes}) or equal {ignore_index}")
+    one_hot = F.one_hot(torch.where(valid, plain, torch.zeros_like(plain)), num_classes).permute(0, 3, 1, 2)
+    counts = F.avg_pool2d((one_hot * valid.unsqueeze(1)).float(), kernel_size=scale, stride=scale)
+    best_count, best_class = counts.max(dim=1)
+    out = torch.where(best_count > 0, best_class, torch.full_like(best_class, ignore_index))
+    return out.unsqueeze(1) if had_channel else out

@@ -11,6 +11,8 @@ images offers. Two kinds are kept here:
 * :class:`RankedPixelQueue`: one ring buffer of ``capacity`` features, each stored with the r class
   indices its teacher ranked most probable. ``excluding(c)`` marks the entries whose top-r set does
   not contain class c: the target negatives of PGPC Eq. 11.
+* :class:`BatchFIFOBank`: the labelled features of the last ``batches`` pushes, one push per
+  iteration (RCCR's memory bank of the last three batches). A push replaces the oldest batch whole.
 
 Everything lives in fixed-shape buffers, so the banks travel with ``state_dict`` through
 ``torch.load(..., weights_only=True)`` and a resumed run continues with the same contents. Random
@@ -221,3 +223,95 @@ class RankedPixelQueue(nn.Module):
         flat = self.excluding(cls).nonzero().squeeze(1)
         picked = flat[random_subset(flat.numel(), count, generator).to(flat.device)]
         return self.features[picked]
+
+
+class BatchFIFOBank(nn.Module):
+    """Labelled features of the last ``batches`` pushes (one push = one iteration's batch).
+
+    Buffers: ``features`` T x S x D and ``labels`` T x S (T = ``batches`` slots of S rows each),
+    ``counts`` T (rows held by each slot), ``next`` (the slot the next push overwrites) and
+    ``length`` (occupied slots). S grows to the largest push seen; a checkpoint's buffers are taken
+    with their own S on load, so the bank needs no size before its first push.
+
+    Example::
+
+        >>> bank = BatchFIFOBank(batches=2, dim=3)
+        >>> for n in (4, 5, 6):
+        ...     bank.push(torch.rand(n, 3), torch.zeros(n, dtype=torch.long))
+        >>> bank.entries()[0].shape  # the last two pushes, oldest first
+        torch.Size([11, 3])
+    """
+
+    def __init__(self, batches: int, dim: int) -> None:
+        super().__init__()
+        if batches < 1 or dim < 1:
+            raise ValueError(f"batches and dim must be positive, got {batches}, {dim}")
+        self.batches, self.dim = batches, dim
+        self.register_buffer("features", torch.zeros(batches, 0, dim))
+        self.register_buffer("labels", torch.zeros(batches, 0, dtype=torch.long))
+        self.register_buffer("counts", torch.zeros(batches, dtype=torch.long))
+        self.register_buffer("next", torch.zeros((), dtype=torch.long))
+        self.register_buffer("length", torch.zeros((), dtype=torch.long))
+
+    def extra_repr(self) -> str:
+        return f"batches={self.batches}, dim={self.dim}"
+
+    def _grow(self, rows: int) -> None:
+        if rows <= self.features.shape[1]:
+            return
+        features = self.features.new_zeros(self.batches, rows, self.dim)
+        labels = self.labels.new_zeros(self.batches, rows)
+        features[:, : self.features.shape[1]] = self.features
+        labels[:, : self.labels.shape[1]] = self.labels
+        self.features, self.labels = features, labels
+
+    @torch.no_grad()
+    def push(self, features: Tensor, labels: Tensor) -> None:
+        """Store one batch (features N x D, labels N, detached) in place of the oldest one.
+
+        Multi-GPU: the rows of every rank are gathered (in rank order) first, so every rank holds
+        the global batch.
+        """
+        if features.dim() != 2 or features.shape[1] != self.dim:
+            raise ValueError(f"features must be N x {self.dim}, got {tuple(features.shape)}")
+        if labels.shape != features.shape[:1]:
+            raise ValueError(f"labels must have shape ({features.shape[0]},), got {tuple(labels.shape)}")
+        device = self.features.device
+        packed = torch.cat([features.detach().to(device, self.features.dtype),
+                            labels.to(device).unsqueeze(1).to(self.features.dtype)], dim=1)
+        packed = gather_rows(packed)
+        rows = packed.shape[0]
+        self._grow(rows)
+        slot = int(self.next)
+        self.features[slot].zero_()
+        self.labels[slot].fill_(IGNORE_INDEX)
+        self.features[slot, :rows] = packed[:, : self.dim]
+        self.labels[slot, :rows] = packed[:, self.dim].round().long()
+        self.counts[slot] = rows
+        self.next.fill_((slot + 1) % self.batches)
+        self.length.fill_(min(int(self.length) + 1, self.batches))
+
+    def slots(self) -> list[int]:
+        """The occupied slots, oldest first."""
+        length = int(self.length)
+        start = (int(self.next) - length) % self.batches
+        return [(start + i) % self.batches for i in range(length)]
+
+    def entries(self) -> tuple[Tensor, Tensor]:
+        """Every stored row, oldest batch first: (M x D features, M labels)."""
+        slots = self.slots()
+        if not slots:
+            return self.features.new_zeros(0, self.dim), self.labels.new_zeros(0)
+        features = torch.cat([self.features[s, : int(self.counts[s])] for s in slots])
+        labels = torch.cat([self.labels[s, : int(self.counts[s])] for s in slots])
+        return features, labels
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        for name in ("features", "labels"):
+            stored = state_dict.get(prefix + name)
+            current = getattr(self, name)
+            if stored is not None and stored.dim() == current.dim() and stored.shape[0] == current.shape[0]:
+                setattr(self, name, current.new_zeros(stored.shape))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)

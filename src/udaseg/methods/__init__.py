@@ -29,6 +29,7 @@ names a module, or an object inside one, whose import calls :func:`register_meth
 | ``sepico`` | ``sepico.py`` | DAFormer-style self-training + semantic-guided pixel contrast |
 | ``t2sda`` | ``t2sda.py`` | self-training + pulling target to source |
 | ``pgpc`` | ``pgpc.py`` | DAFormer self-training + pseudo-label guided pixel contrast |
+| ``rccr`` | ``rccr.py`` | DACS + region-wise contrast of a CutMix view against the momentum teacher |
 | ``mic`` | ``mic.py`` | ``mic.base`` (DAFormer by default) + masked image consistency |
 | ``hrda`` | ``hrda.py`` | ``hrda.base`` on an HRDA model, 0.9 fused + 0.1 detail loss |
 """
