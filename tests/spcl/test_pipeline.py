@@ -44,7 +44,7 @@ def tiny(preset, domains, work_dir, iterations=4, extra=()):
         "model.num_classes=3", "model.options={output_stride: 4, base_width: 4}", f"train.iterations={iterations}",
         f"train.work_dir={work_dir}", "train.eval_interval=1000", "train.checkpoint_interval=2",
         "train.log_interval=1", "train.amp=none", "train.channels_last=false", "data.batch_size=2",
-        "data.workers=0", "optim.warmup_iters=1", "method.spcl.discriminator_width=2", *extra])
+        "data.workers=0", "optim.warmup_iters=1", "optim.schedule_horizon=1.5", "method.spcl.discriminator_width=2", *extra])
     return _point_at(cfg, domains)
 
 
