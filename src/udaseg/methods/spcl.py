@@ -264,8 +264,10 @@ class PrototypeContrast(Objective):
 
     def needs(self, iteration: int) -> list[Need]:
         # the source logits are needed for M_s and L_seg; the target logits only for an online M_t
-        return [Need("student", SOURCE, taps=(self.feature,)),
-                Need("student", TARGET, taps=(self.feature,), logits=self.target_mask == "online")]
+        needs = [Need("student", SOURCE, taps=(self.feature,))]
+        if self.use_target:
+            needs.append(Need("student", TARGET, taps=(self.feature,), logits=self.target_mask == "online"))
+        return needs
 
     def target_contrast_mask(self, ctx: StepContext, size: tuple[int, int]) -> Tensor:
         if self.target_mask == "online":
