@@ -209,6 +209,10 @@ def test_bad_prototype_files_and_pass_options_are_one_line_errors(domains, tmp_p
                                                      f"data.target.pseudo_labels={folder}"]), progress=False)
     cfg = tiny("digits_spcl", domains, tmp_path / "bad")
     cfg.stages[1].before[1].options["threshold"] = "class_quantile"
-    with pytest.raises(UserError, match="offline pass 'pseudo_warmup': unknown option 'threshold'; did you mean "
-                                        "'thresholds'"):
-        offline.pass_options(offline.PassContext(cfg.stages[1].before[1], cfg, cfg, tmp_path, tmp_path))
+    with pytest.raises(UserError, match="stage 'contrast': offline pass 'pseudo_warmup': unknown option 'threshold'; "
+                                        "did you mean 'thresholds'"):
+        build_stages(cfg)
+    cfg.stages[1].before[1].options = {"thresholds": "median"}
+    context = offline.PassContext(cfg.stages[1].before[1], cfg, cfg, tmp_path, tmp_path)
+    with pytest.raises(UserError, match="option 'thresholds' must be one of fixed, class_quantile, got 'median'"):
+        offline.pseudo_label_pass(context)

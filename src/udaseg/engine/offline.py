@@ -185,17 +185,24 @@ PROTOTYPE_AVERAGES = ("pixels", "images")
 THRESHOLDS_FILE = "thresholds.json"
 
 
-def pass_options(ctx: PassContext) -> dict:
-    """The pass's options over their defaults; an unknown key or value names the closest valid one."""
+def check_pass_options(spec: PassConfig) -> dict:
+    """The options of a built-in pass over their defaults; an unknown key names the closest valid one.
+    Passes registered elsewhere take their options as given."""
     from udaseg.config.loader import closest
 
-    defaults = PASS_OPTIONS.get(ctx.spec.kind, {})
-    for key in ctx.spec.options:
+    if spec.kind not in PASS_OPTIONS:
+        return dict(spec.options)
+    defaults = PASS_OPTIONS[spec.kind]
+    for key in spec.options:
         if key not in defaults:
             hint = closest(key, defaults)
             suffix = f"; did you mean '{hint}'?" if hint else f"; options: {', '.join(sorted(defaults))}"
-            raise UserError(f"offline pass '{ctx.spec.name}': unknown option '{key}'{suffix}")
-    return {**defaults, **ctx.spec.options}
+            raise UserError(f"offline pass '{spec.name}': unknown option '{key}'{suffix}")
+    return {**defaults, **spec.options}
+
+
+def pass_options(ctx: PassContext) -> dict:
+    return check_pass_options(ctx.spec)
 
 
 def _choice(ctx: PassContext, options: dict, key: str, choices: tuple[str, ...]) -> str:
