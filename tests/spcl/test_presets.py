@@ -61,3 +61,16 @@ def test_truncated_poly_schedule_stops_at_40_percent_for_the_segmentor_and_the_d
     assert owned.lrs()["lr.spcl_adversarial.discriminator"] == pytest.approx(1e-4 * (1 - 39999 / 62500) ** 0.9)
     with pytest.raises(UserError, match=r"config key 'optim\.schedule_horizon' must be >= 1, got 0\.5"):
         load_config("digits_spcl", ["optim.schedule_horizon=0.5"])
+
+
+def test_resume_keeps_a_truncated_schedule_and_names_the_planned_iterations():
+    from pathlib import Path
+
+    from udaseg.engine.trainer import check_schedule
+
+    cfg = build_stages(load_config("spcl_deeplabv2_gta2cs"))[0].cfg
+    state = {"schedule": {"max_iters": 62500}, "iteration": 10}
+    check_schedule(state, cfg, Path("latest.pt"))  # 40,000 of a 62,500 horizon: the same plan
+    cfg.train.iterations = 30000
+    with pytest.raises(UserError, match="planned for 40000 iterations \\(10 done\\)"):
+        check_schedule(state, cfg, Path("latest.pt"))

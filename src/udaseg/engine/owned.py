@@ -1,9 +1,8 @@
 """Optimisers of modules that objectives own (a discriminator), beside the segmentor's optimiser.
 
 Each :class:`~udaseg.adapt.step.OwnedOptimizer` an objective declares gets its own optimiser and
-poly/warm-up schedule over the run's iterations
-(times its own ``schedule_horizon``). The trainer zeroes, schedules, averages (across
-ranks) and steps them together with the segmentor's optimiser; their states go into checkpoints
+poly/warm-up schedule over the run's iterations (times its own ``schedule_horizon``). The trainer
+zeroes, schedules, averages (across ranks) and steps them together with the segmentor's optimiser; their states go into checkpoints
 under ``owned_optimizers``. The modules themselves are submodules of their objective, so their
 weights are saved with the objective's state, and they are neither in the EMA teacher nor in the
 segmentor's parameter groups.
