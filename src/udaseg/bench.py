@@ -76,9 +76,13 @@ def run_bench(args: argparse.Namespace) -> int:
         student = _student_result(result)
         class_names = student.get("names") or class_names
         per_class.setdefault((domain, preset), []).append([_number(v) for v in student["iou"]])
-        work_dirs.setdefault((domain, preset), []).append(Path(result["config"]["train"]["work_dir"]))
+        work_dirs.setdefault((domain, preset), []).append(Path(result.get("final_stage_dir")
+                                                               or result["config"]["train"]["work_dir"]))
+        for stage, evaluation in list(result.get("stages", {}).items())[:-1]:  # a pipeline's earlier stages
+            scores.setdefault((domain, f"{preset}:{stage}"), []).append(_student_miou({"evaluation": evaluation}))
         print(f"[{done}/{len(jobs)}] {domain} {preset} seed {result['seed']}: mIoU {100 * miou:.1f}", flush=True)
-    table = format_table(scores, args.domains, methods, args.seeds, args.iterations, teacher_scores)
+    rows = [row for preset in methods for row in _stage_rows(scores, preset) + [preset]]
+    table = format_table(scores, args.domains, rows, args.seeds, args.iterations, teacher_scores)
     if split != "val":
         table = table.replace("Target validation mIoU", f"Target {split}-split mIoU", 1)
     for domain in args.domains:
@@ -100,6 +104,11 @@ def run_bench(args: argparse.Namespace) -> int:
         write_section(report, MARKER if split == "val" else f"{MARKER}_{split}", table + footer + "\n")
         print(f"table written to {args.report}")
     return 0
+
+
+def _stage_rows(scores: dict, preset: str) -> list[str]:
+    """Rows ``<preset>:<stage>`` of a pipeline preset's earlier stages, in stage order."""
+    return list(dict.fromkeys(key for _, key in scores if key.startswith(f"{preset}:")))
 
 
 def evaluate_on_split(cfg, split: str) -> None:

@@ -12,9 +12,11 @@ losses can be back-propagated in the same backward sweep: G's gradients come fro
 from L_D alone, exactly as the alternating update of the official code. ``D`` is owned by its
 objective and stepped by its own optimiser (:class:`udaseg.adapt.step.OwnedOptimizer`).
 
+:class:`FCDiscriminator` is AdaptSegNet's fully-convolutional discriminator on softmax maps.
+
 Example::
 
-    d = nn.Conv2d(19, 1, 4, stride=2, padding=1)
+    d = FCDiscriminator(19)
     g_loss, d_loss = adversarial_losses(d, source_probs, target_probs)
 """
 
@@ -58,3 +60,23 @@ def adversarial_losses(discriminator: nn.Module, source_input: Tensor, target_in
     discriminator_loss = 0.5 * (domain_bce(discriminator(source_input.detach()), source_domain)
                                 + domain_bce(discriminator(target_input.detach()), target_domain))
     return generator, discriminator_loss
+
+
+class FCDiscriminator(nn.Module):
+    """AdaptSegNet's output-space discriminator: five 4×4 convolutions with stride 2 and padding 1,
+    ``K → w → 2w → 4w → 8w → 1`` channels, LeakyReLU(0.2) after the first four, no normalisation,
+    no sigmoid. Input ``B×K×H×W`` (softmax maps), output ``B×1×H'×W'`` domain logits, one per patch
+    (``H' ≈ H/32``: 16×32 for a 512×1024 input).
+    """
+
+    def __init__(self, num_classes: int, width: int = 64, slope: float = 0.2) -> None:
+        super().__init__()
+        channels = [num_classes, width, 2 * width, 4 * width, 8 * width]
+        layers: list[nn.Module] = []
+        for c_in, c_out in zip(channels[:-1], channels[1:]):
+            layers += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), nn.LeakyReLU(slope, inplace=True)]
+        layers.append(nn.Conv2d(channels[-1], 1, 4, stride=2, padding=1))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layers(x)

@@ -157,6 +157,9 @@ class OptimConfig:
     min_lr: float = 0.0
     warmup_iters: int = field(default=1500, metadata=ITERATION_COUNT)
     warmup_ratio: float = 1e-6
+    # Length of the poly decay as a multiple of train.iterations: 1 decays to min_lr at the last
+    # iteration; > 1 stops training early on the curve (SPCL: a 62,500 horizon stopped at 40,000).
+    schedule_horizon: float = 1.0
 
     def validate(self, path: str = "optim") -> None:
         require_range(path, "lr", self.lr, 0.0, low_open=True)
@@ -169,6 +172,7 @@ class OptimConfig:
         require_range(path, "min_lr", self.min_lr, 0.0)
         require_range(path, "warmup_iters", self.warmup_iters, 0)
         require_range(path, "warmup_ratio", self.warmup_ratio, 0.0, 1.0)
+        require_range(path, "schedule_horizon", self.schedule_horizon, 1.0)
 
 
 @dataclass

@@ -5,8 +5,21 @@ previous stage ended with and writes files under its own folder ``<work_dir>/<pa
 
 | kind | writes |
 |---|---|
-| ``pseudo_labels`` | ``labels/<sample>.png`` (trainIds; 255 where the confidence is below ``threshold``) and ``confidence/<sample>.npz`` (``confidence``: float16 max-softmax), at the dataset's original image size |
+| ``pseudo_labels`` | ``labels/<sample>.png`` (trainIds; 255 where the confidence is below the threshold) and ``confidence/<sample>.npz`` (``confidence``: float16 max-softmax), at the dataset's original image size; with per-class thresholds also ``thresholds.json`` |
 | ``class_prototypes`` | ``prototypes.pt``: ``prototypes`` K×C (mean of L2-normalised ``tap`` features over the pixels of each class in the labels), ``counts`` K |
+
+Options (``options`` of the pass; an unknown key is an error):
+
+* ``pseudo_labels``: ``thresholds: fixed`` (default; the pass's ``threshold`` for every class) or
+  ``class_quantile`` (CBST / SPCL: a first sweep over the split computes, per predicted class, the
+  ``quantile`` (0.5) of the confidences at the network's input size, capped at ``cap`` (0.9),
+  from histograms of ``bins`` (10000) bins, see :mod:`udaseg.adapt.thresholds`; the second sweep
+  writes the labels with these thresholds).
+* ``class_prototypes``: ``tap`` (``enc_last``); ``mask: label`` (default) or
+  ``label_and_prediction`` (SPCL's code: only pixels whose label equals the model's argmax on the
+  feature grid; a class without such a pixel falls back to its label-only mean); ``average:
+  pixels`` (default: one mean over every pixel of the set) or ``images`` (SPCL's code: the mean,
+  over the images that contain the class, of each image's class mean).
 
 Every file is written to a temporary name and renamed, so an interrupted pass leaves only whole
 files; a pass started again skips the samples whose files are there (``resume``), and writes
@@ -162,16 +175,92 @@ def _device(cfg: Config) -> torch.device:
 
 
 # -- the built-in passes ----------------------------------------------------------------------
+PASS_OPTIONS = {
+    "pseudo_labels": {"thresholds": "fixed", "quantile": 0.5, "cap": 0.9, "bins": 10000},
+    "class_prototypes": {"tap": "enc_last", "mask": "label", "average": "pixels"},
+}
+THRESHOLD_RULES = ("fixed", "class_quantile")
+PROTOTYPE_MASKS = ("label", "label_and_prediction")
+PROTOTYPE_AVERAGES = ("pixels", "images")
+THRESHOLDS_FILE = "thresholds.json"
+
+
+def check_pass_options(spec: PassConfig) -> dict:
+    """The options of a built-in pass over their defaults; an unknown key names the closest valid one.
+    Passes registered elsewhere take their options as given."""
+    from udaseg.config.loader import closest
+
+    if spec.kind not in PASS_OPTIONS:
+        return dict(spec.options)
+    defaults = PASS_OPTIONS[spec.kind]
+    for key in spec.options:
+        if key not in defaults:
+            hint = closest(key, defaults)
+            suffix = f"; did you mean '{hint}'?" if hint else f"; options: {', '.join(sorted(defaults))}"
+            raise UserError(f"offline pass '{spec.name}': unknown option '{key}'{suffix}")
+    return {**defaults, **spec.options}
+
+
+def pass_options(ctx: PassContext) -> dict:
+    return check_pass_options(ctx.spec)
+
+
+def _choice(ctx: PassContext, options: dict, key: str, choices: tuple[str, ...]) -> str:
+    value = options[key]
+    if value not in choices:
+        raise UserError(f"offline pass '{ctx.spec.name}': option '{key}' must be one of {', '.join(choices)}, "
+                        f"got {value!r}")
+    return value
+
+
+def _pass_logits(model, image: torch.Tensor, eval_cfg, out_size) -> torch.Tensor:
+    from udaseg.models.inference import predict_logits
+
+    with torch.no_grad():
+        return predict_logits(model, image, mode=eval_cfg.mode, crop_size=eval_cfg.crop_size, stride=eval_cfg.stride,
+                              flip=eval_cfg.flip, out_size=tuple(out_size), batch_windows=eval_cfg.batch_windows)
+
+
+def class_thresholds(ctx: PassContext, model, dataset, eval_cfg, options: dict, device) -> torch.Tensor:
+    """Per-class thresholds (:mod:`udaseg.adapt.thresholds`) from a sweep at the input size; kept
+    in ``thresholds.json`` so an interrupted pass does not sweep again."""
+    from udaseg.adapt.thresholds import ClassConfidenceHistogram
+
+    path = ctx.out_dir / THRESHOLDS_FILE
+    if ctx.resume and path.is_file():
+        return torch.tensor(json.loads(path.read_text())["thresholds"])
+    bins = int(options["bins"])
+    if bins < 1:
+        raise UserError(f"offline pass '{ctx.spec.name}': option 'bins' must be >= 1, got {bins}")
+    histogram = ClassConfidenceHistogram(ctx.weights_cfg.model.num_classes, bins)
+    for index in tqdm(range(len(dataset)), desc=f"pass {ctx.spec.name} (thresholds)", disable=not ctx.progress,
+                      dynamic_ncols=True):
+        image = dataset[index]["image"].unsqueeze(0).to(device)
+        confidence, label = F.softmax(_pass_logits(model, image, eval_cfg, image.shape[-2:]).float(), dim=1).max(dim=1)
+        histogram.add(confidence, label)
+    thresholds = histogram.thresholds(float(options["quantile"]), float(options["cap"]))
+    record = {"thresholds": thresholds.tolist(), "pixels": histogram.counts.sum(dim=1).tolist(),
+              "quantile": float(options["quantile"]), "cap": float(options["cap"]), "bins": bins}
+    write_atomic(path, lambda p: p.write_text(json.dumps(record, indent=2)))
+    return thresholds
+
+
 @register_pass("pseudo_labels")
 def pseudo_label_pass(ctx: PassContext) -> dict:
     """Pseudo-labels and confidences of a whole split (default: the stage's target set)."""
     from udaseg.evaluation.evaluator import inference_model
-    from udaseg.models.inference import predict_logits
 
+    options = pass_options(ctx)
+    rule = _choice(ctx, options, "thresholds", THRESHOLD_RULES)
     device = _device(ctx.run_cfg)
     dataset = pass_dataset(ctx, ctx.run_cfg.data.target, labelled=False)
     eval_cfg = ctx.weights_cfg.eval
-    model = inference_model(load_pass_model(ctx).to(device), eval_cfg, ctx.weights_cfg.model.num_classes)
+    num_classes = ctx.weights_cfg.model.num_classes
+    model = inference_model(load_pass_model(ctx).to(device), eval_cfg, num_classes)
+    if rule == "class_quantile":
+        thresholds = class_thresholds(ctx, model, dataset, eval_cfg, options, device).to(device)
+    else:
+        thresholds = torch.full((num_classes,), float(ctx.spec.threshold), device=device)
     written = skipped = 0
     kept = total = 0
     for index in tqdm(range(len(dataset)), desc=f"pass {ctx.spec.name}", disable=not ctx.progress,
@@ -183,52 +272,80 @@ def pseudo_label_pass(ctx: PassContext) -> dict:
             continue
         original = dataset.load_arrays(index)["image"]
         image = dataset[index]["image"].unsqueeze(0).to(device)
-        with torch.no_grad():
-            logits = predict_logits(model, image, mode=eval_cfg.mode, crop_size=eval_cfg.crop_size,
-                                    stride=eval_cfg.stride, flip=eval_cfg.flip, out_size=tuple(original.shape[:2]),
-                                    batch_windows=eval_cfg.batch_windows)
+        logits = _pass_logits(model, image, eval_cfg, original.shape[:2])
         confidence, label = F.softmax(logits.float(), dim=1).max(dim=1)
-        label = label[0].to(torch.uint8)
-        label[confidence[0] < ctx.spec.threshold] = IGNORE_INDEX
+        label = label[0]
+        label = torch.where(confidence[0] < thresholds[label], IGNORE_INDEX, label).to(torch.uint8)
         kept += int((label != IGNORE_INDEX).sum())
         total += label.numel()
         write_atomic(confidence_path, lambda path: _save_npz(confidence[0].cpu().numpy(), path))
         write_atomic(label_path, lambda path: _save_png(label.cpu().numpy(), path))
         written += 1
     return {"samples": len(dataset), "written": written, "skipped": skipped,
-            "kept_fraction_of_written": kept / total if total else None}
+            "kept_fraction_of_written": kept / total if total else None,
+            **({"thresholds": thresholds.tolist()} if rule == "class_quantile" else {})}
 
 
 @register_pass("class_prototypes")
 def class_prototype_pass(ctx: PassContext) -> dict:
-    """Per-class mean of L2-normalised features (tap ``options.tap``, default ``enc_last``) over a
-    labelled set (default: the stage's source set); labels are brought to the feature grid by
-    nearest-neighbour resizing. Classes without a pixel get a zero row and count 0."""
+    """Per-class mean of L2-normalised features (tap ``options.tap``) over a labelled set (default:
+    the stage's source set); labels are brought to the feature grid by nearest-neighbour resizing
+    (legacy ``nearest``: the top-left pixel of each cell). ``options.mask`` and ``options.average``
+    choose the pixels and the averaging (module docstring). Classes without a pixel get a zero row
+    and count 0."""
+    options = pass_options(ctx)
+    mask_rule = _choice(ctx, options, "mask", PROTOTYPE_MASKS)
+    per_image = _choice(ctx, options, "average", PROTOTYPE_AVERAGES) == "images"
+    tap = str(options["tap"])
     device = _device(ctx.run_cfg)
-    tap = str(ctx.spec.options.get("tap", "enc_last"))
     dataset = pass_dataset(ctx, ctx.run_cfg.data.source, labelled=True)
     model = load_pass_model(ctx).to(device)
     classes = ctx.weights_cfg.model.num_classes
-    sums: Optional[torch.Tensor] = None
-    counts = torch.zeros(classes, dtype=torch.float64)
+    # [0]: the chosen mask, [1]: label only (the fallback of classes the chosen mask never holds)
+    sums: list[Optional[torch.Tensor]] = [None, None]
+    counts = [torch.zeros(classes, dtype=torch.float64), torch.zeros(classes, dtype=torch.float64)]
     for index in tqdm(range(len(dataset)), desc=f"pass {ctx.spec.name}", disable=not ctx.progress,
                       dynamic_ncols=True):
         item = dataset[index]
         with torch.no_grad():
-            features = model(item["image"].unsqueeze(0).to(device), taps=(tap,)).features[tap].float()
-        labels = F.interpolate(item["label"][None, None].float(), size=tuple(features.shape[-2:]),
-                               mode="nearest").long().flatten()
+            out = model(item["image"].unsqueeze(0).to(device), taps=(tap,))
+        features = out.features[tap].float()
+        size = tuple(features.shape[-2:])
+        labels = F.interpolate(item["label"][None, None].float(), size=size, mode="nearest").long().flatten()
+        masks = [labels, labels]
+        if mask_rule == "label_and_prediction":
+            logits = out.logits.float()
+            if tuple(logits.shape[-2:]) != size:
+                logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=True)
+            prediction = logits.argmax(dim=1).flatten().cpu()
+            masks[0] = torch.where(prediction == labels, labels, IGNORE_INDEX)
         features = F.normalize(features, dim=1)[0].flatten(1).double().cpu()  # C×N
-        if sums is None:
-            sums = torch.zeros(classes, features.shape[0], dtype=torch.float64)
-        valid = labels < classes
-        sums.index_add_(0, labels[valid], features[:, valid].T)
-        counts += torch.bincount(labels[valid], minlength=classes).double()
-    assert sums is not None
-    prototypes = (sums / counts.clamp_min(1)[:, None]).float()
-    out = ctx.out_dir / "prototypes.pt"
-    write_atomic(out, lambda path: torch.save({"prototypes": prototypes, "counts": counts}, path))
-    return {"samples": len(dataset), "classes_seen": int((counts > 0).sum())}
+        for j, mask in enumerate(masks):
+            if sums[j] is None:
+                sums[j] = torch.zeros(classes, features.shape[0], dtype=torch.float64)
+            valid = mask < classes
+            image_sums = torch.zeros(classes, features.shape[0], dtype=torch.float64)
+            image_sums.index_add_(0, mask[valid], features[:, valid].T)
+            image_counts = torch.bincount(mask[valid], minlength=classes).double()
+            if per_image:
+                present = image_counts > 0
+                sums[j][present] += image_sums[present] / image_counts[present, None]
+                counts[j] += present.double()
+            else:
+                sums[j] += image_sums
+                counts[j] += image_counts
+            if mask_rule == "label":
+                break
+    assert sums[0] is not None
+    prototypes = sums[0] / counts[0].clamp_min(1)[:, None]
+    fallback = (counts[0] == 0) & (counts[1] > 0) if mask_rule != "label" else torch.zeros(classes, dtype=torch.bool)
+    if fallback.any():
+        prototypes[fallback] = sums[1][fallback] / counts[1][fallback, None]
+    final_counts = torch.where(fallback, counts[1], counts[0])
+    out_path = ctx.out_dir / "prototypes.pt"
+    write_atomic(out_path, lambda path: torch.save({"prototypes": prototypes.float(), "counts": final_counts}, path))
+    return {"samples": len(dataset), "classes_seen": int((final_counts > 0).sum()),
+            "classes_from_labels_only": [int(k) for k in torch.nonzero(fallback).flatten()]}
 
 
 # -- reading pass outputs ---------------------------------------------------------------------

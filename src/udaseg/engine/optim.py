@@ -120,6 +120,11 @@ def poly_warmup_lr(
     return lr
 
 
+def schedule_length(cfg: OptimConfig, iterations: int) -> int:
+    """The iteration at which the poly decay reaches ``min_lr``: ``round(iterations · schedule_horizon)``."""
+    return max(int(round(iterations * cfg.schedule_horizon)), iterations)
+
+
 class PolyWarmupSchedule:
     """Sets every group's lr from its own ``base_lr`` with :func:`poly_warmup_lr`.
 

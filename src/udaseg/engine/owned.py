@@ -1,8 +1,8 @@
 """Optimisers of modules that objectives own (a discriminator), beside the segmentor's optimiser.
 
 Each :class:`~udaseg.adapt.step.OwnedOptimizer` an objective declares gets its own optimiser and
-poly/warm-up schedule over the run's iterations. The trainer zeroes, schedules, averages (across
-ranks) and steps them together with the segmentor's optimiser; their states go into checkpoints
+poly/warm-up schedule over the run's iterations (times its own ``schedule_horizon``). The trainer
+zeroes, schedules, averages (across ranks) and steps them together with the segmentor's optimiser; their states go into checkpoints
 under ``owned_optimizers``. The modules themselves are submodules of their objective, so their
 weights are saved with the objective's state, and they are neither in the EMA teacher nor in the
 segmentor's parameter groups.
@@ -18,7 +18,7 @@ from torch import nn
 
 from udaseg.adapt.step import Objective
 from udaseg.engine import distributed as dist
-from udaseg.engine.optim import PolyWarmupSchedule, build_optimizer
+from udaseg.engine.optim import PolyWarmupSchedule, build_optimizer, schedule_length
 from udaseg.errors import UserError
 
 
@@ -43,7 +43,8 @@ class OwnedOptimizers:
                     raise ValueError(f"the module of owned optimiser '{key}' is not a submodule of its objective, "
                                      "so it would not be saved in checkpoints")
                 optimizer = build_optimizer(spec.module, spec.optim)
-                self.entries[key] = _Entry(spec.module, optimizer, PolyWarmupSchedule(optimizer, spec.optim, iterations))
+                schedule = PolyWarmupSchedule(optimizer, spec.optim, schedule_length(spec.optim, iterations))
+                self.entries[key] = _Entry(spec.module, optimizer, schedule)
 
     def __bool__(self) -> bool:
         return bool(self.entries)

@@ -105,12 +105,16 @@ def build_stages(cfg: Config) -> list[Stage]:
 
 
 def _check_pass_kind(stage: str, spec: PassConfig) -> None:
-    from udaseg.engine.offline import PASSES
+    from udaseg.engine.offline import PASSES, check_pass_options
 
     if spec.kind not in PASSES:
         hint = closest(spec.kind, PASSES)
         suffix = f"; did you mean '{hint}'?" if hint else f"; kinds: {', '.join(sorted(PASSES))}"
         raise UserError(f"stage '{stage}': offline pass '{spec.name}' has an unknown kind '{spec.kind}'{suffix}")
+    try:
+        check_pass_options(spec)
+    except UserError as error:
+        raise UserError(f"stage '{stage}': {error}") from None
 
 
 def find_stage(stages: list[Stage], name: str) -> int:

@@ -32,7 +32,7 @@ from udaseg.engine.checkpoint import CheckpointManager, capture_rng_state, load_
 from udaseg.engine.checks import check_training_data, check_val_data, unwrap_worker_error
 from udaseg.engine.loader import DataStream, mix_seed
 from udaseg.engine.logging import MetricsLogger, RunLog, format_values, progress_bar, stdout_is_terminal
-from udaseg.engine.optim import PolyWarmupSchedule, build_optimizer
+from udaseg.engine.optim import PolyWarmupSchedule, build_optimizer, schedule_length
 from udaseg.engine.run_folder import check_writable, val_set_keys  # noqa: F401  (check_writable: public API)
 from udaseg.engine.signals import TrainingInterrupted, stop_requests
 from udaseg.engine.owned import OwnedOptimizers
@@ -149,7 +149,7 @@ class Trainer:
         self.objectives = nn.ModuleList(self.method.objectives).to(self.device)
         self.teacher = self._build_teacher()
         self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.schedule = PolyWarmupSchedule(self.optimizer, cfg.optim, cfg.train.iterations)
+        self.schedule = PolyWarmupSchedule(self.optimizer, cfg.optim, schedule_length(cfg.optim, cfg.train.iterations))
         self.owned = OwnedOptimizers(self.method.objectives, cfg.train.iterations)
         self.step = TrainStep(self.model, self.teacher, self.method.objectives, cfg.model.num_classes,
                               cfg.train.backward_per_group, amp_dtype(cfg), cfg.train.channels_last)
@@ -435,8 +435,9 @@ def check_schedule(state: dict, cfg: Config, path: Path) -> None:
     re-planning it would make the run differ from the same run trained straight.
     """
     planned = state.get("schedule", {}).get("max_iters")
-    if planned is None or int(planned) == cfg.train.iterations:
+    if planned is None or int(planned) == schedule_length(cfg.optim, cfg.train.iterations):
         return
+    planned = int(round(int(planned) / cfg.optim.schedule_horizon))
     done = int(state.get("iteration", 0))
     raise UserError(f"checkpoint {path} belongs to a run planned for {planned} iterations ({done} done), whose "
                     f"learning-rate schedule ends there; train.iterations={cfg.train.iterations} cannot change "

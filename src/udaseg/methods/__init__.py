@@ -32,6 +32,7 @@ names a module, or an object inside one, whose import calls :func:`register_meth
 | ``rccr`` | ``rccr.py`` | DACS + region-wise contrast of a CutMix view against the momentum teacher |
 | ``mic`` | ``mic.py`` | ``mic.base`` (DAFormer by default) + masked image consistency |
 | ``hrda`` | ``hrda.py`` | ``hrda.base`` on an HRDA model, 0.9 fused + 0.1 detail loss |
+| ``spcl`` | ``spcl.py`` | one stage of SPCL's pipeline (``method.spcl.stage``): adversarial warm-up, prototype contrast, or self-training on offline pseudo-labels |
 """
 
 from __future__ import annotations
