@@ -29,7 +29,27 @@ def stored_result(cfg: Config) -> Optional[dict]:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    return data if data.get("config") == to_dict(cfg) else None
+    return data if same_settings(data.get("config"), cfg) else None
+
+
+def same_settings(stored: Optional[dict], cfg: Config) -> bool:
+    """Whether a stored config dict describes ``cfg``, keys added to the schema since then included.
+
+    The stored dict is read through the current schema first, so a setting introduced later
+    counts at its default; a stored key the schema no longer knows makes the two differ.
+    """
+    from udaseg.config.loader import from_dict
+    from udaseg.errors import UserError
+
+    if not isinstance(stored, dict):
+        return False
+    current = to_dict(cfg)
+    if stored == current:
+        return True
+    try:
+        return to_dict(from_dict(Config, stored)) == current
+    except (UserError, TypeError, ValueError):
+        return False
 
 
 def run_experiment(cfg: Config, progress: bool = True) -> dict:
@@ -97,7 +117,7 @@ def _same_config(work_dir: Path, cfg: Config, name: str = "config.yaml") -> bool
     if not path.exists():
         return False
     try:
-        return yaml.safe_load(path.read_text()) == to_dict(cfg)
+        return same_settings(yaml.safe_load(path.read_text()), cfg)
     except yaml.YAMLError:
         return False
 

@@ -72,3 +72,19 @@ def test_table_marks_missing_seeds_and_computes_the_gap():
     assert "35.0 ± 7.1 (2 seeds) [teacher 25.0] | 46% |" in rows["dacs"]  # (35 - 12) / (62 - 12)
     assert "37.0 (1 seed) | 50% |" in rows["t2sda"]
     assert rows["sepico_bankcl"].endswith("| – | – |")
+
+
+def test_stored_settings_match_with_keys_added_to_the_schema_since():
+    import copy
+
+    from udaseg.config import load_config, to_dict
+    from udaseg.experiments import same_settings
+
+    cfg = load_config("digits_dacs")
+    stored = copy.deepcopy(to_dict(cfg))
+    del stored["data"]["source"]["pseudo_margins"]  # written before the key existed: its default
+    assert same_settings(stored, cfg)
+    stored["data"]["source"]["pseudo_margins"] = [1, 1, 1, 1]
+    assert not same_settings(stored, cfg)
+    assert not same_settings({**to_dict(cfg), "retired_key": 1}, cfg)
+    assert not same_settings(None, cfg)
