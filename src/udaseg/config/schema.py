@@ -89,6 +89,7 @@ class DatasetConfig:
     rcs: RCSConfig = field(default_factory=RCSConfig)
     options: dict = field(default_factory=dict)  # dataset-specific extras (e.g. ACDC condition)
     pseudo_labels: str = ""  # folder of an offline 'pseudo_labels' pass: labels are read from there
+    resized_cache: str = ""  # folder of pre-resized images and labels ('udaseg prepare ... --resize W H')
 
     alias: str = ""  # the key of this set's results when evaluated (default: name:split, plus root if repeated)
 
@@ -96,6 +97,10 @@ class DatasetConfig:
         for key in ("resize", "crop_size"):
             require_pair(path, key, getattr(self, key))
         require_range(path, "cat_max_ratio", self.cat_max_ratio, 0.0, 1.0, low_open=True)
+        require(not self.resized_cache or self.resize is not None, path, "resized_cache", self.resized_cache,
+                "needs a resize (the cache holds images resized for one)")
+        require(not (self.resized_cache and self.pseudo_labels), path, "resized_cache", self.resized_cache,
+                "cannot be combined with pseudo_labels (offline pseudo-labels have the originals' size)")
 
 
 @dataclass
