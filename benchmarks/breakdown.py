@@ -40,9 +40,9 @@ OFFICIAL_PASSES = {
     "source_only": (1, 0, 0),
     "dacs": (2, 1, 0),
     "daformer": (2, 1, 1),  # + the frozen ImageNet encoder on the source for FD
-    "sepico_protocl": (3, 4, 1),  # teacher: full target, cropped target, source logits (debug only), source features
-    "sepico_bankcl": (3, 4, 1),
-    "sepico_distcl": (3, 4, 1),
+    "sepico_protocl": (3, 4, 0),  # teacher: full target, cropped target, source logits (debug only), source features; no FD
+    "sepico_bankcl": (3, 4, 0),
+    "sepico_distcl": (3, 4, 0),
     "t2sda": (3, 2, 1),  # DAFormer + student pass on the FDA pseudo-target, teacher pass on the source
     "pgpc": (3, 2, 1),  # DAFormer + student pass on the strong target (anchors), teacher pass on the source (bank)
     "mic": (3, 1, 1),  # DAFormer + the masked target step

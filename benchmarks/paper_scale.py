@@ -84,6 +84,7 @@ def _register_synthetic_dataset() -> None:
 
 def preset_config(name: str, work_dir: Path):
     from udaseg.config import load_config
+    from udaseg.config.schema import MethodConfig
 
     overrides = ["model.pretrained=", "data.workers=0", f"train.work_dir={work_dir}", "train.iterations=1000000",
                  "train.eval_interval=1000000", "train.checkpoint_interval=1000000", "train.device=cpu"]
@@ -97,7 +98,10 @@ def preset_config(name: str, work_dir: Path):
         spec.rcs.enabled = False
         spec.options = {"size": size, "count": 2 * cfg.data.batch_size, "classes": cfg.model.num_classes}
     cfg.data.val = []
-    for section in vars(cfg.method).values():  # combined presets (PGPC on HRDA) carry several sections
+    own = getattr(cfg.method, cfg.method.name, None)  # the method's section, with its defaults when unset
+    if isinstance(getattr(own, "base", None), str) and own.base in MethodConfig.__open_sections__():
+        getattr(cfg.method, own.base)  # the base method's section (PGPC under HRDA or MIC)
+    for section in cfg.method.sections.values():  # combined presets (PGPC on HRDA) carry several sections
         for field_name in WARMUP_FIELDS:
             if hasattr(section, field_name):
                 setattr(section, field_name, 0)
