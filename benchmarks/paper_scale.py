@@ -149,11 +149,15 @@ def _run_child(name: str, iterations: int, threads: int, timeout: float) -> dict
 
 
 def format_row(name: str, r: dict) -> str:
+    if not r:
+        return f"| {name} | – | – | – | – | – | – | not run yet |"
     if "error" in r:
-        return f"| {name} | – | – | – | – | – | {r['error']} |"
+        return f"| {name} | – | – | – | – | – | – | {r['error']} |"
+    import breakdown
+
     times = " / ".join(f"{t:.0f}" for t in r["times"])
-    return (f"| {name} | {r['setting']} | {times} | {100 * r['ours'] / r['time']:.1f} | {r['before_mib']:,.0f} "
-            f"| {r['peak_mib']:,.0f} | ok |")
+    return (f"| {name} | {r['setting']} | {times} | {100 * r['ours'] / r['time']:.1f} "
+            f"| {breakdown.passes_text(r['counts'])} | {r['before_mib']:,.0f} | {r['peak_mib']:,.0f} | ok |")
 
 
 def format_table(results: dict, args: argparse.Namespace) -> str:
@@ -163,10 +167,12 @@ def format_table(results: dict, args: argparse.Namespace) -> str:
         f"(shared with other jobs), torch {torch.__version__}, fp32, random weights, synthetic data. Seconds of "
         "iterations 1 and 2 (the first includes first-touch allocations); \"ours %\": the share of the two "
         "iterations outside the network forwards, backwards and the optimiser step; RSS before the first "
-        "iteration (networks, EMA teacher, ImageNet copy) and at the peak.",
+        "iteration (networks, EMA teacher, ImageNet copy) and at the peak; passes as in the breakdown above "
+        "(mean over the two iterations).",
         "",
-        "| preset | network, batch, images into the step | s / it (1 / 2) | ours % | RSS before MiB | peak RSS MiB | status |",
-        "|---|---|---|---:|---:|---:|---|",
+        "| preset | network, batch, images into the step | s / it (1 / 2) | ours % | passes per iteration | "
+        "RSS before MiB | peak RSS MiB | status |",
+        "|---|---|---|---:|---|---:|---:|---|",
     ]
     lines += [format_row(name, r) for name, r in results.items()]
     return "\n".join(lines)
@@ -180,6 +186,8 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per preset")
     parser.add_argument("--results", help="JSON lines file: finished presets are appended and not run again")
     parser.add_argument("--write", help="markdown file whose 'paper_scale' section is replaced")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: the table of --results, every paper preset listed")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -192,7 +200,7 @@ def main() -> int:
         for line in store.read_text().splitlines():
             record = json.loads(line)
             results[record["preset"]] = record["result"]
-    for name in args.presets or paper_presets():
+    for name in [] if args.report_only else args.presets or paper_presets():
         if name in results and "error" not in results[name]:
             continue
         print(f"{name} ...", file=sys.stderr, flush=True)
@@ -201,6 +209,8 @@ def main() -> int:
         if store:
             with store.open("a") as f:
                 f.write(json.dumps({"preset": name, "result": results[name]}) + "\n")
+    if args.report_only:
+        results = {name: results.get(name, {}) for name in paper_presets()}
     table = format_table(results, args)
     print(table)
     if args.write:
