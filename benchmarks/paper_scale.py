@@ -210,7 +210,7 @@ def main() -> int:
             with store.open("a") as f:
                 f.write(json.dumps({"preset": name, "result": results[name]}) + "\n")
     if args.report_only:
-        results = {name: results.get(name, {}) for name in paper_presets()}
+        results = {name: results.get(name, {}) for name in sorted(paper_presets(), key=lambda n: not results.get(n))}
     table = format_table(results, args)
     print(table)
     if args.write:
