@@ -7,6 +7,9 @@ cat_max_ratio 0.75 -> flip -> normalised tensor) with 0, 1 and 2 DataLoader work
 
     python benchmarks/data_throughput.py [--images 12] [--items 24] [--write docs/BENCHMARKS.md]
 
+Each worker setting is measured twice, reading the original PNGs and reading the resized cache of
+``udaseg prepare gta5 --resize 1280 720``.
+
 The first batch of every run (worker start-up) is not timed. With ``--write`` the table replaces the
 section between ``<!-- data_throughput:start -->`` and ``<!-- data_throughput:end -->`` of the file
 (the section is appended, or the file created, when missing).
@@ -27,6 +30,7 @@ from PIL import Image
 
 from udaseg.config.schema import IMAGENET_MEAN, IMAGENET_STD, DatasetConfig
 from udaseg.data import build_dataset
+from udaseg.data.resized_cache import write_cache
 
 START = "<!-- data_throughput:start -->"
 END = "<!-- data_throughput:end -->"
@@ -56,10 +60,10 @@ def synthetic_gta(root: Path, count: int, seed: int = 0) -> None:
         Image.fromarray(label, mode="L").save(root / "labels" / f"{i:05d}.png")
 
 
-def measure(root: Path, workers: int, items: int, batch_size: int) -> float:
-    """Items per second through the pipeline, after the first batch."""
+def measure(root: Path, workers: int, items: int, batch_size: int, cache: Path | None = None) -> float:
+    """Items per second through the pipeline, after the first batch (``cache``: a resized cache)."""
     cfg = DatasetConfig(name="gta5", root=str(root), resize=[1280, 720], crop_size=[512, 512],
-                        cat_max_ratio=0.75, flip=True)
+                        cat_max_ratio=0.75, flip=True, resized_cache=str(cache or ""))
     dataset = build_dataset(cfg, IMAGENET_MEAN, IMAGENET_STD)
     sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=items + batch_size)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers)
@@ -72,7 +76,7 @@ def measure(root: Path, workers: int, items: int, batch_size: int) -> float:
     return count / (time.perf_counter() - start)
 
 
-def markdown(rows: list[tuple[int, float]], images: int, items: int) -> str:
+def markdown(rows: list[tuple[str, int, float]], images: int, items: int) -> str:
     cores = os.cpu_count()
     lines = [
         "## Data loading throughput (GTA5-sized images)",
@@ -81,12 +85,14 @@ def markdown(rows: list[tuple[int, float]], images: int, items: int) -> str:
         f"PNGs with labelId labels, {items} items per run, through decode → labelId→trainId → resize (1280, 720) → "
         f"512² crop (cat_max_ratio 0.75) → flip → normalised tensor, batch size 2. "
         f"Machine: {cores} CPU cores shared with other jobs ({platform.processor() or platform.machine()}), "
-        f"torch {torch.__version__}; absolute numbers are noisy, compare rows only.",
+        f"torch {torch.__version__}; absolute numbers are noisy, compare rows only. \"resized cache\": the "
+        "images and labels read from the cache `udaseg prepare gta5 --resize 1280 720` writes "
+        "(`data.source.resized_cache`), the same items without decoding the originals.",
         "",
-        "| DataLoader workers | images/s | ms/image |",
-        "|---:|---:|---:|",
+        "| read from | DataLoader workers | images/s | ms/image |",
+        "|---|---:|---:|---:|",
     ]
-    lines += [f"| {w} | {rate:.2f} | {1000 / rate:.0f} |" for w, rate in rows]
+    lines += [f"| {source} | {w} | {rate:.2f} | {1000 / rate:.0f} |" for source, w, rate in rows]
     return "\n".join(lines)
 
 
@@ -117,7 +123,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "gta"
         synthetic_gta(root, args.images)
-        rows = [(w, measure(root, w, args.items, args.batch_size)) for w in args.workers]
+        write_cache("gta5", root, root / "resized", [1280, 720], nproc=1)
+        rows = []
+        for w in args.workers:  # interleaved, so that both sources see the same machine load
+            rows.append(("original PNGs", w, measure(root, w, args.items, args.batch_size)))
+            rows.append(("resized cache", w, measure(root, w, args.items, args.batch_size, root / "resized")))
+        rows.sort(key=lambda row: row[0] != "original PNGs")
     table = markdown(rows, args.images, args.items)
     print(table)
     if args.write:

@@ -72,6 +72,8 @@ PRESETS = {
     "daformer": {"deeplabv2": "daformer_mitb5_gta2cs", "daformer": "daformer_mitb5_gta2cs"},
     "sepico_distcl": {"deeplabv2": "sepico_distcl_deeplabv2_gta2cs", "daformer": "sepico_distcl_daformer_gta2cs"},
     "sepico_bankcl": {"deeplabv2": "sepico_bankcl_deeplabv2_gta2cs", "daformer": "sepico_bankcl_daformer_gta2cs"},
+    "sepico_protocl": {"deeplabv2": "sepico_protocl_deeplabv2_gta2cs", "daformer": "sepico_protocl_daformer_gta2cs"},
+    "mic": {"deeplabv2": "mic_daformer_gta2cs", "daformer": "mic_daformer_gta2cs"},
     "t2sda": {"deeplabv2": "t2sda_deeplabv2_gta2cs", "daformer": "t2sda_daformer_gta2cs"},
     "pgpc": {"deeplabv2": "pgpc_daformer_gta2cs", "daformer": "pgpc_daformer_gta2cs"},
     "pgpc_no_extra_pass": {"deeplabv2": "pgpc_daformer_gta2cs", "daformer": "pgpc_daformer_gta2cs"},

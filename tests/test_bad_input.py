@@ -103,6 +103,8 @@ CASES = [
     ("cat_max_ratio_zero", train("data.source.cat_max_ratio=0"), ["data.source.cat_max_ratio"]),
     ("rcs_temperature_zero", train("data.source.rcs.temperature=0"), ["data.source.rcs.temperature"]),
     ("normalization_mixed", train("data.source.normalization=per_image"), ["data.target.normalization", "per_image"]),
+    ("resized_cache_without_resize", train("data.source.resized_cache=/tmp/cache"), ["data.source.resized_cache", "needs a resize"]),
+    ("resized_cache_with_margins", train("data.target.resized_cache=/tmp/cache", "data.target.resize=[64,64]", "data.target.pseudo_margins=[1,1,1,1]"), ["data.target.resized_cache", "pseudo_margins"]),
     ("unknown_key", train("optim.lrr=1"), ["optim.lrr", "did you mean 'optim.lr'"]),
     ("unknown_method", train("method.name=dacss"), ["method.name", "dacss"]),
     ("int_expected", train("train.iterations=abc"), ["train.iterations", "abc"]),

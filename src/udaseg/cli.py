@@ -62,6 +62,12 @@ def _add_prepare(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nproc", type=int, default=2, help="worker processes")
     p.add_argument("--force", action="store_true", help="convert files again even if the output exists")
     p.add_argument("--seed", type=int, default=0, help="digits: generation seed")
+    p.add_argument("--resize", type=int, nargs=2, metavar=("W", "H"),
+                   help="also write a cache of images and labels resized to this scale (a preset's data.*.resize)")
+    p.add_argument("--no-keep-ratio", dest="keep_ratio", action="store_false",
+                   help="with --resize: the preset's keep_ratio is false")
+    p.add_argument("--split", default="train", help="with --resize: the split to cache")
+    p.add_argument("--cache", help="with --resize: cache folder (default <root>/resized_<W>x<H>)")
 
 
 def _add_demo(p: argparse.ArgumentParser) -> None:

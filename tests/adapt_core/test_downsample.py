@@ -63,3 +63,24 @@ def test_nearest_downsampling():
     assert downscale_label_nearest(labels, scale=2).dtype == labels.dtype
     with pytest.raises(ValueError):
         downscale_label_nearest(labels)
+
+
+def _pooled_one_hot_reference(labels, scale, min_ratio, num_classes, ignore_index=255):
+    """The rule written out as the official code does it: one-hot, average-pool, argmax."""
+    import torch.nn.functional as F
+
+    remapped = torch.where(labels == ignore_index, torch.full_like(labels, num_classes), labels)
+    one_hot = F.one_hot(remapped, num_classes + 1).permute(0, 3, 1, 2).float()
+    fraction, best = F.avg_pool2d(one_hot, scale, scale).max(dim=1)
+    return torch.where((best == num_classes) | (fraction < min_ratio), torch.full_like(best, ignore_index), best)
+
+
+@pytest.mark.parametrize("scale,min_ratio", [(2, 0.5), (4, 0.75), (8, 0.75), (3, 0.6)])
+def test_ratio_downscale_equals_pooled_one_hot(scale, min_ratio):
+    gen = torch.Generator().manual_seed(scale)
+    # few classes on a coarse grid, so blocks are often pure, often tied, often mixed with ignore
+    coarse = torch.randint(0, 4, (2, 7, 9), generator=gen)
+    labels = coarse.repeat_interleave(3, 1).repeat_interleave(3, 2)[:, :20, :26].clone()
+    labels[torch.rand(labels.shape, generator=gen) < 0.2] = 255
+    expected = _pooled_one_hot_reference(labels, scale, min_ratio, num_classes=4)
+    assert torch.equal(downscale_label_ratio(labels, scale, min_ratio, num_classes=4), expected)

@@ -28,6 +28,20 @@ def _split_channel(labels: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return labels, False
 
 
+def _block_class_counts(labels: torch.Tensor, scale: int, classes: int) -> torch.Tensor:
+    """B×H×W labels in [0, classes) -> B×⌊H/s⌋×⌊W/s⌋×classes pixel counts per s×s block.
+
+    One ``bincount`` over (block, class) keys: the same numbers as average-pooling a one-hot map,
+    without materialising the B×classes×H×W float tensor.
+    """
+    batch, height, width = labels.shape
+    h, w = height // scale, width // scale
+    blocks = labels[:, : h * scale, : w * scale].reshape(batch, h, scale, w, scale)
+    offsets = torch.arange(batch * h * w, device=labels.device).view(batch, h, 1, w, 1) * classes
+    counts = torch.bincount((blocks + offsets).reshape(-1), minlength=batch * h * w * classes)
+    return counts.view(batch, h, w, classes)
+
+
 def downscale_label_ratio(
     labels: torch.Tensor,
     scale: int,
@@ -47,14 +61,16 @@ def downscale_label_ratio(
     plain = plain.long()
     extra = num_classes
     remapped = torch.where(plain == ignore_index, torch.full_like(plain, extra), plain)
-    if remapped.numel() and (int(remapped.min()) < 0 or int(remapped.max()) > extra):
-        raise ValueError(
-            f"labels must lie in [0, {num_classes}) or equal {ignore_index}, "
-            f"got range [{int(plain.min())}, {int(plain.max())}]"
-        )
-    one_hot = F.one_hot(remapped, num_classes=extra + 1).permute(0, 3, 1, 2).float()
-    fractions = F.avg_pool2d(one_hot, kernel_size=scale, stride=scale)
-    best_fraction, best_class = fractions.max(dim=1)
+    if remapped.numel():
+        low, high = torch.aminmax(remapped)
+        if bool((low < 0) | (high > extra)):
+            raise ValueError(
+                f"labels must lie in [0, {num_classes}) or equal {ignore_index}, "
+                f"got range [{int(plain.min())}, {int(plain.max())}]"
+            )
+    counts = _block_class_counts(remapped, scale, extra + 1)
+    best_count, best_class = counts.max(dim=-1)  # ties: the first (lowest) class, as on the pooled one-hot
+    best_fraction = best_count.float() / float(scale * scale)
     rejected = (best_class == extra) | (best_fraction < min_ratio)
     out = torch.where(rejected, torch.full_like(best_class, ignore_index), best_class)
     return out.unsqueeze(1) if had_channel else out

@@ -151,7 +151,7 @@ class StepContext:
         self.views: dict[str, View] = {}
         self.batch: dict[str, dict] = {}  # the data items the views of the batch were made from
         self.state: dict[str, object] = {}  # values objectives share within the iteration
-        self.metrics: dict[str, float] = {}
+        self.metrics: dict[str, float | Tensor] = {}  # scalar tensors are read once, at the end of the step
         self.inference_modes = dict(inference_modes or {})
         self._requests: dict[tuple[str, str, str], tuple[set, set, list]] = {}
         for need in needs:
@@ -292,6 +292,21 @@ class NonFiniteLoss(UserError):
     """A loss became NaN or Inf."""
 
 
+def to_numbers(values: dict[str, Any]) -> dict[str, float]:
+    """Python floats of scalar tensors and numbers, with one device-to-host copy for all the tensors.
+
+    Reading each loss or metric with ``float()`` would wait for the device once per value, in the
+    middle of the step; objectives store tensors and the step reads them all at its end.
+    """
+    tensors = {k: v for k, v in values.items() if isinstance(v, Tensor)}
+    numbers = {k: float(v) for k, v in values.items() if not isinstance(v, Tensor)}
+    if tensors:
+        # float64 holds every float32 / bf16 value exactly, so each number equals float(tensor)
+        stacked = torch.stack([v.detach().reshape(()).to(torch.float64) for v in tensors.values()])
+        numbers.update(zip(tensors, stacked.tolist()))
+    return {k: numbers[k] for k in values}
+
+
 class TrainStep:
     def __init__(self, student: nn.Module, teacher: Optional[nn.Module], objectives: Sequence[Objective],
                  num_classes: int, backward_per_group: bool = True, autocast: Optional[torch.dtype] = None,
@@ -316,19 +331,14 @@ class TrainStep:
             ctx.add_view(name, item["image"], item.get("label"))
         for obj in self.objectives:
             obj.prepare(ctx, batch)
-        logged: dict[str, float] = {}
+        logged: dict[str, Tensor] = {}
         pending: list[Tensor] = []
         for group in ctx.student_groups():
             group_losses: dict[str, Tensor] = {}
             for obj in self.objectives:
                 for name, value in obj.losses(ctx, group).items():
                     group_losses[f"{group}.{name}" if "." not in name else name] = value
-            for name, value in group_losses.items():
-                number = float(value.detach())
-                if not math.isfinite(number):
-                    raise NonFiniteLoss(f"loss '{name}' is {number} at iteration {iteration}; stopping "
-                                        f"(the last saved checkpoint is intact)")
-                logged[name] = number
+            logged.update((name, value.detach()) for name, value in group_losses.items())
             trainable = [v.reshape(()) for v in group_losses.values() if v.requires_grad]
             if trainable:
                 total = torch.stack(trainable).sum()
@@ -340,7 +350,12 @@ class TrainStep:
                 ctx.release(group)
         if pending:
             torch.stack([p.reshape(()) for p in pending]).sum().backward()
-        return StepResult(logged, dict(ctx.metrics), ctx)
+        losses, metrics = to_numbers(logged), to_numbers(ctx.metrics)
+        for name, number in losses.items():
+            if not math.isfinite(number):  # checked before any optimiser steps
+                raise NonFiniteLoss(f"loss '{name}' is {number} at iteration {iteration}; stopping "
+                                    f"(the last saved checkpoint is intact)")
+        return StepResult(losses, metrics, ctx)
 
     def after_step(self, result: StepResult) -> None:
         """Run the objectives' post-step hooks on the iteration's context."""

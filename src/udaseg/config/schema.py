@@ -94,6 +94,7 @@ class DatasetConfig:
     # [top, bottom, left, right] px of each loaded image whose pseudo-labels get weight 0, marked before
     # resize / crop / flip (HRDA / MIC crop_pseudo_margins: [30, 240, 30, 30] on Cityscapes); null: none
     pseudo_margins: Optional[list[int]] = None
+    resized_cache: str = ""  # folder of pre-resized images and labels ('udaseg prepare ... --resize W H')
 
     alias: str = ""  # the key of this set's results when evaluated (default: name:split, plus root if repeated)
 
@@ -104,6 +105,12 @@ class DatasetConfig:
         margins = self.pseudo_margins
         require(margins is None or (len(margins) == 4 and min(margins) >= 0), path, "pseudo_margins", margins,
                 "expects four ints >= 0 [top, bottom, left, right]")
+        require(not self.resized_cache or self.resize is not None, path, "resized_cache", self.resized_cache,
+                "needs a resize (the cache holds images resized for one)")
+        require(not (self.resized_cache and self.pseudo_labels), path, "resized_cache", self.resized_cache,
+                "cannot be combined with pseudo_labels (offline pseudo-labels have the originals' size)")
+        require(not (self.resized_cache and margins), path, "resized_cache", self.resized_cache,
+                "cannot be combined with pseudo_margins (the margins are in the originals' pixels)")
 
 
 @dataclass

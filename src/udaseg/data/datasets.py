@@ -206,6 +206,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         self._trainid_lookup = trainid_lookup if trainid_lookup is not None else trainid_table(classes.num_classes)
         self._warned_unmapped = False
         self._warned_size = False
+        self.resized_cache: Optional[Path] = None  # see udaseg.data.resized_cache
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -257,8 +258,17 @@ class SegmentationDataset(torch.utils.data.Dataset):
             warnings.warn(text + "; the label is resized to the image. Other files are not reported.", stacklevel=3)
 
     def load_arrays(self, index: int) -> dict[str, Any]:
-        """The decoded image (and label, extra images) of a sample, before the pipeline."""
+        """The decoded image (and label, extra images) of a sample, before the pipeline.
+
+        With a resized cache, the cached arrays (already resized, ``presized`` set) when they exist.
+        """
         sample = self.samples[index]
+        if self.resized_cache is not None:
+            from udaseg.data.resized_cache import read_cached
+
+            cached = read_cached(self.resized_cache, sample.name, self.labelled, tuple(sample.extra_images))
+            if cached is not None:
+                return cached
         arrays: dict[str, Any] = {"image": read_image(sample.image)}
         if self.labelled:
             arrays["label"] = self.load_label(index)
@@ -271,7 +281,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
     def transform(self, arrays: dict[str, Any], index: int) -> dict[str, Any]:
         """Run the pipeline (fresh random crop / flip) on decoded arrays and build the item."""
         item: dict[str, Any] = dict(self.pipeline(arrays["image"], arrays.get("label"),
-                                                  extra_images=arrays.get("extra_images")))
+                                                  extra_images=arrays.get("extra_images"),
+                                                  presized=bool(arrays.get("presized"))))
         item["name"] = self.samples[index].name
         item["index"] = index
         return item
@@ -341,8 +352,20 @@ def build_dataset(cfg: DatasetConfig, mean: Sequence[float], std: Sequence[float
         hint = f"; did you mean '{match[0]}'?" if match else f"; known datasets: {', '.join(sorted(DATASETS))}"
         raise UserError(f"unknown dataset '{cfg.name}'{hint}")
     if cfg.monitor_labels and not cfg.labelled:
-        return MonitorLabels(DATASETS[cfg.name](dataclasses.replace(cfg, labelled=True), mean, std))
-    return DATASETS[cfg.name](cfg, mean, std)
+        return MonitorLabels(_with_cache(DATASETS[cfg.name](dataclasses.replace(cfg, labelled=True), mean, std), cfg))
+    return _with_cache(DATASETS[cfg.name](cfg, mean, std), cfg)
+
+
+def _with_cache(dataset: torch.utils.data.Dataset, cfg: DatasetConfig) -> torch.utils.data.Dataset:
+    """Attach ``cfg.resized_cache`` (checked against ``cfg.resize``) to a file-based dataset."""
+    if not cfg.resized_cache:
+        return dataset
+    if not isinstance(dataset, SegmentationDataset):
+        raise UserError(f"{cfg.name}: resized_cache applies to file datasets only")
+    from udaseg.data.resized_cache import check_cache
+
+    dataset.resized_cache = check_cache(Path(cfg.resized_cache), cfg)
+    return dataset
 
 
 # --------------------------------------------------------------------------------------------

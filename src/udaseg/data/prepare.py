@@ -10,6 +10,8 @@ are written to the dataset root
 The work is resumable: converted files that exist are kept (``--force`` converts again), and every
 output is written to a temporary file and renamed, so an interrupted run leaves no broken file.
 ``udaseg prepare digits --out DIR`` exports the embedded digits benchmark as a folder dataset.
+``--resize W H`` also writes a cache of the images and labels already resized to a preset's scale
+(``udaseg.data.resized_cache``), which the training pipeline reads instead of decoding the originals.
 """
 
 from __future__ import annotations
@@ -149,13 +151,32 @@ def run_prepare(args: argparse.Namespace) -> int:
         # Dark Zurich ships trainIds and its training split is unlabelled: nothing to convert or count.
         DATASETS[name](DatasetConfig(name=name, root=str(root), split="train", labelled=False),
                        IMAGENET_MEAN, IMAGENET_STD)
+        if getattr(args, "resize", None):
+            _write_resized_cache(name, root, args)
+            return 0
         print(f"prepare darkzurich: labels already are trainIds and the train split is unlabelled; nothing to do")
         return 0
-    summary = prepare_dataset(name, root, args.nproc, args.force)
+    _report(name, root, prepare_dataset(name, root, args.nproc, args.force))
+    if getattr(args, "resize", None):
+        _write_resized_cache(name, root, args)
+    return 0
+
+
+def _write_resized_cache(name: str, root: Path, args: argparse.Namespace) -> None:
+    from udaseg.data.resized_cache import write_cache
+
+    width, height = args.resize
+    cache = Path(args.cache).expanduser() if args.cache else root / f"resized_{width}x{height}"
+    labelled = not (name == "darkzurich" and args.split == "train")
+    done = write_cache(name, root, cache, [width, height], args.keep_ratio, args.split, labelled, args.nproc, args.force)
+    print(f"prepare {name}: {done['files']} {args.split} images resized to ({width}, {height}) in {cache} "
+          f"({done['written']} written); use it with data.<stream>.resized_cache={cache}")
+
+
+def _report(name: str, root: Path, summary: dict[str, Any]) -> None:
     line = f"prepare {name}: {summary['files']} label files, {summary['converted']} converted"
     line += ", class statistics written" if summary["stats_written"] else ", class statistics up to date"
     print(line + f" ({root})")
     if summary["unmapped_pixels"]:
         print(f"prepare {name}: {summary['unmapped_pixels']} pixels in {summary['files_with_unmapped']} files had "
               f"values outside the id map and were set to 255 (ignore)", file=sys.stderr)
-    return 0

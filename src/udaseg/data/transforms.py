@@ -253,11 +253,13 @@ class Pipeline:
         label: Optional[np.ndarray] = None,
         extra_images: Optional[Mapping[str, np.ndarray]] = None,
         extra_maps: Optional[Mapping[str, np.ndarray]] = None,
+        presized: bool = False,
     ) -> dict[str, torch.Tensor]:
+        """``presized``: the arrays already went through this pipeline's resize (a resized cache)."""
         if self.pseudo_margins is not None:
             valid = pseudo_valid_map(image.shape[:2], self.pseudo_margins)
             extra_maps = {**(extra_maps or {}), PSEUDO_VALID_KEY: valid}
-        height, width = self.output_size(*image.shape[:2])
+        height, width = image.shape[:2] if presized else self.output_size(*image.shape[:2])
         img = resize_image(image_to_tensor(image), height, width)
         images = {"image": img}
         for key, extra in (extra_images or {}).items():

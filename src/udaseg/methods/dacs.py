@@ -124,7 +124,7 @@ def store_pseudo_labels(ctx: StepContext, cfg: SelfTrainingConfig, view: str, pr
               "confidence": confidence, "ratio": ratio, "weight": weight}
     ctx.state[PSEUDO] = result  # the latest pseudo-labels of the iteration
     ctx.state[f"{PSEUDO}:{view}"] = result
-    ctx.metrics["pseudo_ratio"] = float(ratio.mean())
+    ctx.metrics["pseudo_ratio"] = ratio.mean()
     return result
 
 

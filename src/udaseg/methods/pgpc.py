@@ -494,7 +494,7 @@ class PGPCContrast(Objective):
             labels = torch.where(reliable, maps.labels, torch.full_like(maps.labels, IGNORE_INDEX))
             self.target_proto_bank.push(flat_features, labels.reshape(-1), cfg.target_proto_enqueue_per_class,
                                         generator)
-        ctx.metrics["pgpc.reliable"] = float(reliable.float().mean())
+        ctx.metrics["pgpc.reliable"] = reliable.float().mean()
 
     def _valid_cells(self, ctx: StepContext, full_shape: Sequence[int], grid: Sequence[int],
                      device: torch.device) -> Tensor:

@@ -797,7 +797,7 @@ class SePiCoContrast(Objective):
         loss, metrics = sepico_pixel_loss(features, ctx.view(view).label, self.stats, cfg.variant, cfg.temperature,
                                           cfg.weight, cfg.reg_weight, cfg.label_min_ratio, cfg.bank_negatives)
         for key, value in metrics.items():
-            ctx.metrics[f"sepico.{domain}_{key}"] = float(value)
+            ctx.metrics[f"sepico.{domain}_{key}"] = value.detach() if torch.is_tensor(value) else float(value)
         return loss
 
 
