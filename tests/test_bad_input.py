@@ -102,7 +102,7 @@ CASES = [
     ("crop_size_zero", train("data.source.crop_size=[0,8]"), ["data.source.crop_size"]),
     ("cat_max_ratio_zero", train("data.source.cat_max_ratio=0"), ["data.source.cat_max_ratio"]),
     ("rcs_temperature_zero", train("data.source.rcs.temperature=0"), ["data.source.rcs.temperature"]),
-    ("normalization_mixed", train("data.source.normalization=per_image"), ["data.target.normalization", "per_image"]),
+    ("normalization_mixed", train("data.source.normalization=fixed"), ["data.target.normalization", "per_image"]),
     ("resized_cache_without_resize", train("data.source.resized_cache=/tmp/cache"), ["data.source.resized_cache", "needs a resize"]),
     ("resized_cache_with_margins", train("data.target.resized_cache=/tmp/cache", "data.target.resize=[64,64]", "data.target.pseudo_margins=[1,1,1,1]"), ["data.target.resized_cache", "pseudo_margins"]),
     ("unknown_key", train("optim.lrr=1"), ["optim.lrr", "did you mean 'optim.lr'"]),

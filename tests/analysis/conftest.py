@@ -44,7 +44,7 @@ def tiny_run(preset: str, source: Path, target: Path, work_dir: Path, extra=()):
     ])
     for spec, root in ((cfg.data.source, source), (cfg.data.target, target)):
         spec.name, spec.root, spec.split = "folder", str(root), "train"
-    cfg.data.val = [DatasetConfig(name="folder", root=str(target), split="val")]
+    cfg.data.val = [DatasetConfig(name="folder", root=str(target), split="val", normalization=cfg.data.source.normalization)]
     return cfg
 
 

@@ -53,5 +53,5 @@ def tiny_config(preset, source: Path, target: Path, work_dir: Path, iterations: 
             spec.resize, spec.crop_size, spec.rcs.enabled = None, None, False
     from udaseg.config.schema import DatasetConfig
 
-    cfg.data.val = [DatasetConfig(name="folder", root=str(target), split="val")]
+    cfg.data.val = [DatasetConfig(name="folder", root=str(target), split="val", normalization=cfg.data.source.normalization)]
     return cfg

@@ -201,8 +201,9 @@ def test_two_validation_sets_of_one_type_keep_their_own_results(fake_domains, tm
 
     source, target = fake_domains
     cfg = tiny_config("digits_source_only", source, target, tmp_path / "run", iterations=1)
-    cfg.data.val = [DatasetConfig(name="folder", root=str(target), split="val"),
-                    DatasetConfig(name="folder", root=str(source), split="val")]
+    norm = cfg.data.source.normalization
+    cfg.data.val = [DatasetConfig(name="folder", root=str(target), split="val", normalization=norm),
+                    DatasetConfig(name="folder", root=str(source), split="val", normalization=norm)]
     keys = val_set_keys(cfg.data.val)
     assert keys == [f"folder:val@{target}", f"folder:val@{source}"]
     summary = Trainer(cfg, progress=False).train()

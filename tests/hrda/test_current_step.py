@@ -22,7 +22,7 @@ def test_hrda_model_trains_and_evaluates_in_the_daformer_step(hrda_domains, tmp_
     for spec, root in ((cfg.data.source, source), (cfg.data.target, target)):
         spec.name, spec.root, spec.split = "folder", str(root), "train"
         spec.resize, spec.crop_size, spec.rcs.enabled = None, None, False
-    cfg.data.val = [DatasetConfig(name="folder", root=str(target), split="val")]
+    cfg.data.val = [DatasetConfig(name="folder", root=str(target), split="val", normalization=cfg.data.source.normalization)]
     trainer = Trainer(cfg, progress=False)
     summary = trainer.train()
     assert 0.0 <= summary["miou"] <= 1.0

@@ -36,7 +36,7 @@ def tiny_preset(preset, domains, work_dir, extra=()):
         spec.resize, spec.crop_size, spec.rcs.enabled, spec.options = None, None, False, {}
         if spec.pseudo_margins:
             spec.pseudo_margins = [2, 6, 2, 2]  # the official [30, 240, 30, 30] would cover a 64 px image
-    cfg.data.val = [DatasetConfig(name="folder", root=str(target), split="val")]
+    cfg.data.val = [DatasetConfig(name="folder", root=str(target), split="val", normalization=cfg.data.source.normalization)]
     return cfg
 
 

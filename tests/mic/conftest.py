@@ -32,5 +32,5 @@ def tiny_preset(preset, domains, work_dir, iterations=2, extra=()):
     for spec, root in ((cfg.data.source, source), (cfg.data.target, target)):
         spec.name, spec.root, spec.split = "folder", str(root), "train"
         spec.resize, spec.crop_size, spec.rcs.enabled = None, None, False
-    cfg.data.val = [DatasetConfig(name="folder", root=str(target), split="val")]
+    cfg.data.val = [DatasetConfig(name="folder", root=str(target), split="val", normalization=cfg.data.source.normalization)]
     return cfg

@@ -37,5 +37,5 @@ def tiny_config(preset, domains, work_dir, iterations=2, extra=()):
         spec.name, spec.root, spec.split, spec.options = "folder", str(root), "train", {}
         spec.resize, spec.crop_size, spec.rcs.enabled = None, [SIZE, SIZE], False
     cfg.data.target.labelled = False
-    cfg.data.val = [DatasetConfig(name="folder", root=str(domains["target"]), split="val")]
+    cfg.data.val = [DatasetConfig(name="folder", root=str(domains["target"]), split="val", normalization=cfg.data.source.normalization)]
     return cfg

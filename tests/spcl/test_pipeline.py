@@ -35,7 +35,7 @@ def _point_at(cfg, domains):
         spec.name, spec.root, spec.split, spec.options = "folder", str(root), "train", {}
         spec.resize, spec.crop_size, spec.rcs.enabled, spec.monitor_labels = None, None, False, False
     cfg.data.target.labelled = False
-    cfg.data.val = [DatasetConfig(name="folder", root=str(domains[1]), split="val")]
+    cfg.data.val = [DatasetConfig(name="folder", root=str(domains[1]), split="val", normalization=cfg.data.source.normalization)]
     return cfg
 
 

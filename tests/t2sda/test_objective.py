@@ -51,7 +51,7 @@ def tiny_config(preset, domains, work_dir, iterations=2, extra=(), size=32):
         if spec is not None:
             spec.name, spec.root, spec.split = "folder", str(root), "train"
             spec.resize, spec.crop_size, spec.rcs.enabled = None, None, False
-    cfg.data.val = [DatasetConfig(name="folder", root=str(domains["target" + suffix]), split="val")]
+    cfg.data.val = [DatasetConfig(name="folder", root=str(domains["target" + suffix]), split="val", normalization=cfg.data.source.normalization)]
     return cfg
 
 

@@ -69,6 +69,10 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
                 return _convert(value, arg, path)
             except UserError as err:
                 errors.append(err)
+        candidates = [arg for arg in args if arg is not _NONE_TYPE]
+        if len(errors) == 1 and len(candidates) == 1 and dataclasses.is_dataclass(candidates[0]) \
+                and isinstance(value, dict):
+            raise errors[0]  # an optional section: its own error names the key inside it
         raise UserError(f"config key '{path}' expects {_type_name(tp)}, got {value!r}")
     if origin is typing.Literal:
         allowed = get_args(tp)

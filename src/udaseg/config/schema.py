@@ -86,8 +86,9 @@ class DatasetConfig:
     crop_size: Optional[list[int]] = None  # [height, width]
     cat_max_ratio: float = 1.0
     flip: bool = False
-    # 'fixed': (x - data.mean) / data.std; 'per_image': each image by its own per-channel mean and std
-    normalization: Literal["fixed", "per_image"] = "fixed"
+    # 'fixed': (x - data.mean) / data.std; 'per_image': each image by its own per-channel mean and std;
+    # null: as data.source (whose null is 'fixed')
+    normalization: Optional[Literal["fixed", "per_image"]] = None
     rcs: RCSConfig = field(default_factory=RCSConfig)
     options: dict = field(default_factory=dict)  # dataset-specific extras (e.g. ACDC condition)
     pseudo_labels: str = ""  # folder of an offline 'pseudo_labels' pass: labels are read from there
@@ -129,13 +130,21 @@ class DataConfig:
         require(len(self.mean) == 3, path, "mean", self.mean, "expects three values (R, G, B in 0-255 units)")
         require(len(self.std) == 3 and min(self.std) > 0, path, "std", self.std,
                 "expects three positive values (R, G, B in 0-255 units)")
-        streams = [("source", self.source), ("target", self.target),
-                   *((f"val[{i}]", spec) for i, spec in enumerate(self.val))]
-        streams = [(name, spec) for name, spec in streams if spec is not None]
-        for name, spec in streams[1:]:
-            require(spec.normalization == streams[0][1].normalization, f"{path}.{name}", "normalization",
-                    spec.normalization, f"differs from {path}.{streams[0][0]}.normalization "
-                    f"({streams[0][1].normalization!r}); a model must see its inputs normalised one way")
+        self._resolve_normalization(path)
+
+    def _resolve_normalization(self, path: str) -> None:
+        """Streams without a normalisation take the source's; one set explicitly must agree with it."""
+        self.source.normalization = self.source.normalization or "fixed"
+        chosen = self.source.normalization
+        others = [("target", self.target), *((f"val[{i}]", spec) for i, spec in enumerate(self.val))]
+        for name, spec in others:
+            if spec is None:
+                continue
+            if spec.normalization is None:
+                spec.normalization = chosen
+            require(spec.normalization == chosen, f"{path}.{name}", "normalization", spec.normalization,
+                    f"differs from {path}.source.normalization ({chosen!r}); a model must see its inputs "
+                    "normalised one way")
 
 
 @dataclass

@@ -231,7 +231,7 @@ class Pipeline:
     @classmethod
     def from_config(cls, cfg: "DatasetConfig", mean: Sequence[float], std: Sequence[float]) -> "Pipeline":
         return cls(mean, std, resize=cfg.resize, keep_ratio=cfg.keep_ratio, crop_size=cfg.crop_size,
-                   cat_max_ratio=cfg.cat_max_ratio, flip=cfg.flip, normalization=cfg.normalization,
+                   cat_max_ratio=cfg.cat_max_ratio, flip=cfg.flip, normalization=cfg.normalization or "fixed",
                    pseudo_margins=cfg.pseudo_margins)
 
     def statistics(self, image: torch.Tensor) -> tuple[list[float], list[float]]:
