@@ -16,10 +16,13 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from udaseg.config.schema import DataConfig
 
 
 @dataclass(frozen=True)
@@ -81,3 +84,18 @@ def random_crop_box(image_size: Sequence[int], crop_size: Sequence[int], divisib
         offsets.append(int(torch.randint(0, choices, (1,), generator=generator)) * divisible)
     return CropBox(offsets[0], offsets[1], min(int(crop_size[0]), int(image_size[0])),
                    min(int(crop_size[1]), int(image_size[1])))
+
+
+def require_crops_on_stride(data: "DataConfig", stride: int, reader: str) -> None:
+    """Refuse source/target crop sizes that are not multiples of ``stride``.
+
+    A head on a feature tap of that stride needs labels and cells that tile the crop exactly;
+    ``reader`` names the setting that chose the tap, for the error message.
+    """
+    from udaseg.errors import UserError
+
+    for name, spec in (("data.source", data.source), ("data.target", data.target)):
+        crop = spec.crop_size if spec is not None else None
+        if crop and (crop[0] % stride or crop[1] % stride):
+            raise UserError(f"{name}.crop_size={list(crop)} is not a multiple of the stride {stride} of "
+                            f"the feature tap that {reader} reads")

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from udaseg.adapt.downsample import downscale_label_ratio
+from udaseg.adapt.geometry import require_crops_on_stride
 from udaseg.adapt.pixel_bank import ClassPixelQueues, RankedPixelQueue
 from udaseg.adapt.pseudo_label import pseudo_weight_map
 from udaseg.adapt.step import Need, Objective, StepContext
@@ -636,11 +637,7 @@ def build_pgpc(cfg: Config, segmentor: nn.Module) -> Method:
     _check_config(pgpc, self_training, num_classes)
     head, tap = pgpc_projection_head(pgpc, segmentor)
     stride = segmentor.tap_stride(tap)
-    for name, spec in (("data.source", cfg.data.source), ("data.target", cfg.data.target)):
-        crop = spec.crop_size if spec is not None else None
-        if crop and (crop[0] % stride or crop[1] % stride):
-            raise UserError(f"{name}.crop_size={list(crop)} is not a multiple of the stride {stride} of the "
-                            f"projection input (method.pgpc.feature={tap!r})")
+    require_crops_on_stride(cfg.data, stride, f"method.pgpc.feature={tap!r}")
     objectives: list[Objective] = [SupervisedSegmentation("source")]
     if self_training.feature_distance.enabled:
         objectives.append(ImageNetFeatureDistance(self_training.feature_distance, segmentor, num_classes))

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from udaseg.adapt.downsample import downscale_label_majority, downscale_label_nearest
+from udaseg.adapt.geometry import require_crops_on_stride
 from udaseg.adapt.mixing import cutmix_boxes, mix
 from udaseg.adapt.pixel_bank import BatchFIFOBank
 from udaseg.adapt.step import Need, Objective, StepContext
@@ -467,11 +468,7 @@ def build_rccr(cfg: Config, segmentor: nn.Module) -> Method:
         raise UserError("method rccr trains DACS on ClassMix images; method.self_training.mix must be 'class'")
     head, tap = rccr_projector(rccr, segmentor)
     stride = segmentor.tap_stride(tap)
-    for name, spec in (("data.source", cfg.data.source), ("data.target", cfg.data.target)):
-        crop = spec.crop_size if spec is not None else None
-        if crop and (crop[0] % stride or crop[1] % stride):
-            raise UserError(f"{name}.crop_size={list(crop)} is not a multiple of the stride {stride} of the "
-                            f"projector input (method.rccr.feature={tap!r})")
+    require_crops_on_stride(cfg.data, stride, f"method.rccr.feature={tap!r}")
     objectives = self_training_objectives(cfg, segmentor, feature_distance=False)
     objectives.append(RegionContrast(rccr, self_training, cfg.model.num_classes, cfg.train.iterations,
                                      cfg.data.mean, cfg.data.std))
