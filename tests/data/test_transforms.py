@@ -204,3 +204,23 @@ def test_uint8_resize_agrees_with_float_reference():
     assert (fast.float() - reference).abs().max() <= 1
     out = Pipeline([0, 0, 0], [1, 1, 1], resize=(31, 20), keep_ratio=False)(image)
     assert torch.equal(out["image"], fast.float())
+
+
+def test_predict_normalises_an_image_like_the_validation_pipeline(tmp_path):
+    from PIL import Image
+
+    from udaseg.config import load_config
+    from udaseg.engine.commands import _prepare_image
+
+    rng = np.random.default_rng(5)
+    image = rng.integers(0, 80, (16, 20, 3), dtype=np.uint8)
+    path = tmp_path / "dark.png"
+    Image.fromarray(image).save(path)
+    for preset in ("digits_dacs", "dacs_deeplabv2_gta2cs"):
+        cfg = load_config(preset)
+        spec = cfg.data.val[0]
+        spec.resize, spec.crop_size = None, None
+        tensor, rgb = _prepare_image(path, cfg)
+        expected = Pipeline.from_config(spec, cfg.data.mean, cfg.data.std)(image)["image"]
+        np.testing.assert_array_equal(rgb, image)
+        assert torch.allclose(tensor, expected, atol=1e-5), preset

@@ -259,7 +259,7 @@ def _prepare_image(path: Path, cfg: Config) -> tuple[torch.Tensor, np.ndarray]:
     if spec is not None and spec.resize:
         resized = _resize_like_pipeline(rgb, spec.resize, spec.keep_ratio)
     pixels = torch.from_numpy(resized.astype(np.float32).transpose(2, 0, 1).copy())
-    if spec is not None and spec.normalization == "per_image":
+    if (spec or cfg.data.source).normalization == "per_image":
         mean, std = image_statistics(pixels)
     else:
         mean, std = cfg.data.mean, cfg.data.std
