@@ -43,14 +43,18 @@ def _register_synthetic_dataset() -> None:
 
     @register_dataset("synthetic")
     class SyntheticDataset(Dataset):
-        """Random images with blocky labels, generated once and kept in memory."""
+        """Random images with blocky labels, generated once and kept in memory.
+
+        Options: ``size`` [H, W] (default: the crop size, else 128²), ``count`` (8), ``classes`` (19).
+        """
 
         def __init__(self, cfg, mean, std):
-            size = cfg.crop_size or [128, 128]
+            size = cfg.options.get("size") or cfg.crop_size or [128, 128]
             count = int(cfg.options.get("count", 8))
+            classes = int(cfg.options.get("classes", 19))
             gen = torch.Generator().manual_seed(0)
             self.images = torch.randn(count, 3, *size, generator=gen)
-            blocks = torch.randint(0, 19, (count, 1, size[0] // 32 + 1, size[1] // 32 + 1), generator=gen)
+            blocks = torch.randint(0, classes, (count, 1, size[0] // 32 + 1, size[1] // 32 + 1), generator=gen)
             labels = torch.nn.functional.interpolate(blocks.float(), scale_factor=32, mode="nearest")
             self.labels = labels[:, 0, : size[0], : size[1]].long()
             self.labelled = cfg.labelled

@@ -51,35 +51,10 @@ def _image_size(spec) -> list[int]:
 
 
 def _register_synthetic_dataset() -> None:
-    from torch.utils.data import Dataset
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import iteration as bench_iteration
 
-    from udaseg.data import register_dataset
-    from udaseg.data.labels import CITYSCAPES_CLASSES
-
-    @register_dataset("paper-synthetic")
-    class PaperSyntheticDataset(Dataset):
-        """Random images of a fixed size with blocky labels, generated once and kept in memory."""
-
-        def __init__(self, cfg, mean, std):
-            height, width = cfg.options["size"]
-            count = int(cfg.options.get("count", 4))
-            classes = int(cfg.options.get("classes", 19))
-            gen = torch.Generator().manual_seed(0)
-            self.images = torch.randn(count, 3, height, width, generator=gen)
-            blocks = torch.randint(0, classes, (count, 1, height // 32 + 1, width // 32 + 1), generator=gen)
-            labels = torch.nn.functional.interpolate(blocks.float(), scale_factor=32, mode="nearest")
-            self.labels = labels[:, 0, :height, :width].long()
-            self.labelled = cfg.labelled
-            self.classes = CITYSCAPES_CLASSES
-
-        def __len__(self):
-            return len(self.images)
-
-        def __getitem__(self, index):
-            item = {"image": self.images[index], "name": str(index), "index": index}
-            if self.labelled:
-                item["label"] = self.labels[index]
-            return item
+    bench_iteration._register_synthetic_dataset()
 
 
 def preset_config(name: str, work_dir: Path):
@@ -93,7 +68,7 @@ def preset_config(name: str, work_dir: Path):
         if spec is None:
             continue
         size = _image_size(spec)
-        spec.name, spec.resize, spec.pseudo_labels = "paper-synthetic", None, ""
+        spec.name, spec.resize, spec.pseudo_labels = "synthetic", None, ""
         spec.crop_size = list(spec.crop_size) if spec.crop_size else None
         spec.rcs.enabled = False
         spec.options = {"size": size, "count": 2 * cfg.data.batch_size, "classes": cfg.model.num_classes}
